@@ -1,0 +1,62 @@
+// The fused "sum G gradients + Adam" update: the one header both device back ends implement.
+// Step-dependent scalars are computed once on the host (AdamScalars) so kernels only multiply.
+#pragma once
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+namespace pyasgd {
+
+struct AdamHyper {
+  double lr, beta1, beta2, eps, weight_decay;
+  long long step;  // 1-based step this update produces
+  bool decoupled;  // AdamW: decay the parameter, not the gradient
+};
+
+// Mirrors torch.optim.Adam's single-tensor arithmetic so results agree to rounding.
+struct AdamScalars {
+  float one_minus_beta1;  // lerp weight for m
+  float beta2, one_minus_beta2;
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  float eps;
+  float neg_step_size;  // -lr / (1 - beta1^t)
+  float l2;             // weight decay added to the gradient (0 when decoupled)
+  float decay;          // parameter multiplier (1 - lr*wd when decoupled, else 1)
+};
+
+inline AdamScalars make_scalars(const AdamHyper& h) {
+  AdamScalars s;
+  const double t = static_cast<double>(h.step);
+  s.one_minus_beta1 = static_cast<float>(1.0 - h.beta1);
+  s.beta2 = static_cast<float>(h.beta2);
+  s.one_minus_beta2 = static_cast<float>(1.0 - h.beta2);
+  s.bias_correction2_sqrt = static_cast<float>(std::sqrt(1.0 - std::pow(h.beta2, t)));
+  s.eps = static_cast<float>(h.eps);
+  s.neg_step_size = static_cast<float>(-h.lr / (1.0 - std::pow(h.beta1, t)));
+  s.l2 = h.decoupled ? 0.0f : static_cast<float>(h.weight_decay);
+  s.decay = h.decoupled ? static_cast<float>(1.0 - h.lr * h.weight_decay) : 1.0f;
+  return s;
+}
+
+// All buffers are flat fp32 of n elements. grads[0..G) are summed in index order.
+// out may be null. workspace (n floats, may be null) lets G >= 3 be summed once instead of read
+// twice. Returns false, writing nothing but the workspace, when a summed element is not finite.
+bool adam_step_cpu(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
+                   float* out, float* workspace, const AdamHyper& h);
+
+// SIMD level chosen at run time for this CPU ("avx512", "avx2" or "scalar").
+const char* cpu_simd_level();
+int cpu_num_threads();
+void cpu_set_num_threads(int n);
+
+#ifdef PYASGD_WITH_CUDA
+// Same contract on device pointers (grads may be mapped pinned host memory), on `stream`.
+bool adam_step_cuda(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
+                    float* out, float* workspace, const AdamHyper& h, int device, void* stream);
+constexpr int kCudaMaxGrads = 64;  // gradient pointers travel in the kernel's argument block
+int cuda_device_count();
+void cuda_host_register(void* ptr, size_t bytes);
+void cuda_host_unregister(void* ptr);
+#endif
+
+}  // namespace pyasgd

@@ -1,0 +1,83 @@
+// The one PYBIND11_MODULE: pyasgd._C. Entry points take raw addresses: the Python layer
+// (pyasgd/optim.py, pyasgd/exchange.py) validates tensors and passes data_ptr()s, so this
+// extension never links against torch and one build serves every torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "adam.h"
+
+namespace py = pybind11;
+using pyasgd::AdamHyper;
+
+namespace {
+template <class T = float>
+T* ptr(uintptr_t a) {
+  return reinterpret_cast<T*>(a);
+}
+
+std::vector<const float*> grad_ptrs(const std::vector<uintptr_t>& grads) {
+  std::vector<const float*> g;
+  g.reserve(grads.size());
+  for (auto a : grads) g.push_back(ptr<const float>(a));
+  return g;
+}
+
+AdamHyper hyper(long long step, double lr, double beta1, double beta2, double eps, double wd,
+                bool decoupled) {
+  return AdamHyper{lr, beta1, beta2, eps, wd, step, decoupled};
+}
+}  // namespace
+
+void bind_region(py::module_& m);
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyasgd's compiled core: fused Adam kernels and the shared-memory exchange.";
+
+  m.def(
+      "adam_step_cpu",
+      [](uintptr_t p, uintptr_t mm, uintptr_t v, const std::vector<uintptr_t>& grads, size_t n,
+         uintptr_t out, uintptr_t workspace, long long step, double lr, double beta1, double beta2,
+         double eps, double wd, bool decoupled) {
+        auto g = grad_ptrs(grads);
+        return pyasgd::adam_step_cpu(ptr(p), ptr(mm), ptr(v), g.data(), static_cast<int>(g.size()),
+                                     n, ptr(out), ptr(workspace),
+                                     hyper(step, lr, beta1, beta2, eps, wd, decoupled));
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "Fused sum-of-gradients + Adam on CPU buffers (addresses); False = skipped, non-finite.");
+  m.def("cpu_simd_level", &pyasgd::cpu_simd_level);
+  m.def("cpu_num_threads", &pyasgd::cpu_num_threads);
+  m.def("cpu_set_num_threads", &pyasgd::cpu_set_num_threads);
+
+#ifdef PYASGD_WITH_CUDA
+  m.attr("cuda_built") = true;
+  m.attr("cuda_archs") = PYASGD_CUDA_ARCHS;
+  m.attr("cuda_max_grads") = pyasgd::kCudaMaxGrads;
+  m.def(
+      "adam_step_cuda",
+      [](uintptr_t p, uintptr_t mm, uintptr_t v, const std::vector<uintptr_t>& grads, size_t n,
+         uintptr_t out, uintptr_t workspace, long long step, double lr, double beta1, double beta2,
+         double eps, double wd, bool decoupled, int device, uintptr_t stream) {
+        auto g = grad_ptrs(grads);
+        return pyasgd::adam_step_cuda(ptr(p), ptr(mm), ptr(v), g.data(), static_cast<int>(g.size()),
+                                      n, ptr(out), ptr(workspace),
+                                      hyper(step, lr, beta1, beta2, eps, wd, decoupled), device,
+                                      reinterpret_cast<void*>(stream));
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("cuda_device_count", &pyasgd::cuda_device_count);
+  m.def("cuda_host_register", [](uintptr_t p, size_t bytes) { pyasgd::cuda_host_register(ptr<void>(p), bytes); });
+  m.def("cuda_host_unregister", [](uintptr_t p) { pyasgd::cuda_host_unregister(ptr<void>(p)); });
+#else
+  m.attr("cuda_built") = false;
+  m.attr("cuda_archs") = "";
+  m.attr("cuda_max_grads") = 0;
+  m.def("cuda_device_count", [] { return 0; });
+#endif
+  m.attr("compiler") = PYASGD_COMPILER;
+  m.attr("__version__") = PYASGD_VERSION;
+  bind_region(m);
+}

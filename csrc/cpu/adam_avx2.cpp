@@ -1,0 +1,43 @@
+// AVX2+FMA instantiation of the CPU Adam kernel (compiled with -mavx2 -mfma; chosen at run time).
+#include <immintrin.h>
+#include <cmath>
+#include <cstdint>
+#include "adam.h"
+#include "cpu/kernels.h"
+
+namespace {
+struct Avx2 {
+  using reg = __m256;
+  static constexpr int width = 8;
+  static reg load(const float* x) { return _mm256_loadu_ps(x); }
+  static void store(float* x, reg a) { _mm256_storeu_ps(x, a); }
+  static void store_out(float* x, reg a) {
+    if ((reinterpret_cast<uintptr_t>(x) & 31) == 0) _mm256_stream_ps(x, a);
+    else _mm256_storeu_ps(x, a);
+  }
+  static reg set1(float a) { return _mm256_set1_ps(a); }
+  static reg zero() { return _mm256_setzero_ps(); }
+  static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
+  static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
+  static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
+  static reg div(reg a, reg b) { return _mm256_div_ps(a, b); }
+  static reg sqrt(reg a) { return _mm256_sqrt_ps(a); }
+  static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static void fence() { _mm_sfence(); }
+  static bool any_nan(reg a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0; }
+};
+#include "cpu/adam_kernel.inl"
+}  // namespace
+
+namespace pyasgd::cpu {
+bool range_finite_avx2(const float* const* g, int G, size_t b, size_t e) {
+  return range_finite_t<Avx2>(g, G, b, e);
+}
+bool range_sum_avx2(const float* const* g, int G, float* dst, size_t b, size_t e) {
+  return range_sum_t<Avx2>(g, G, dst, b, e);
+}
+void adam_range_avx2(float* p, float* m, float* v, const float* const* g, int G, float* out,
+                     size_t b, size_t e, const AdamScalars& c) {
+  adam_range_t<Avx2, ScalarVec>(p, m, v, g, G, out, b, e, c);
+}
+}  // namespace pyasgd::cpu

@@ -1,0 +1,6 @@
+"""pyasgd: asynchronous SGD for neural machine translation on one node, with the global gradient
+accumulation that makes asynchrony work for Transformers (Aji & Heafield, 2019)."""
+from pyasgd.optim import FusedAdam, fused_adam_step
+
+__version__ = "0.1.0"
+__all__ = ["FusedAdam", "fused_adam_step", "__version__"]

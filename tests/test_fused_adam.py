@@ -1,0 +1,256 @@
+"""The fused "sum G gradients + Adam" update against torch.optim.Adam/AdamW and the pure-PyTorch
+reference, on every device, at sizes that hit the SIMD tails."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyasgd import FusedAdam, fused_adam_step
+from pyasgd.optim import adam_step_reference
+from conftest import DEVICES
+
+SIZES = [1, 7, 22, 1023, 2**20 + 3]
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def make_state(n, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(n, generator=g).to(device)
+    return p, torch.zeros(n, device=device), torch.zeros(n, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("G", [1, 2, 4, 7])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_matches_torch_adam_100_steps(device, n, G, decoupled):
+    steps = 100 if n < 2**20 else 20  # the large size checks the threaded tiles, not drift
+    p, m, v = make_state(n, device)
+    ref = torch.nn.Parameter(p.clone())
+    opt_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    opt = opt_cls([ref], lr=HYPER["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05)
+    out = torch.full((n,), float("nan"), device=device)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, steps + 1):
+        grads = [torch.randn(n, generator=gen).to(device) for _ in range(G)]
+        assert fused_adam_step(p, m, v, grads, step=step, weight_decay=0.05, decoupled=decoupled,
+                               out=out, **HYPER)
+        total = grads[0].clone()
+        for x in grads[1:]:
+            total.add_(x)
+        ref.grad = total
+        opt.step()
+    st = opt.state[ref]
+    assert rel_err(p, ref.detach()) < 1e-6
+    assert rel_err(m, st["exp_avg"]) < 1e-6
+    assert rel_err(v, st["exp_avg_sq"]) < 1e-6
+    assert torch.equal(out, p)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+def test_every_simd_level_matches_reference(device, simd, tmp_path):
+    """Each ISA instantiation (chosen at import via PYASGD_SIMD) agrees with the reference."""
+    if device == "cuda":
+        pytest.skip("SIMD levels are a CPU matter")
+    code = f"""
+import torch, pyasgd._ext as e
+from pyasgd.optim import fused_adam_step, adam_step_reference
+assert e.ext().cpu_simd_level() in ({simd!r}, 'avx2', 'scalar'), e.ext().cpu_simd_level()
+print(e.ext().cpu_simd_level())
+torch.manual_seed(0)
+for n in (1, 7, 22, 1023, 300001):
+    a = [torch.randn(n), torch.zeros(n), torch.zeros(n)]
+    b = [t.clone() for t in a]
+    for s in range(1, 6):
+        gs = [torch.randn(n) for _ in range(3)]
+        assert fused_adam_step(*a, gs, step=s, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+        assert adam_step_reference(*b, gs, step=s, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    for x, y in zip(a, b):
+        assert ((x - y).abs().max() / y.abs().max()).item() < 1e-6
+"""
+    env = dict(os.environ, PYASGD_SIMD=simd)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    if simd == "scalar":
+        assert r.stdout.strip() == "scalar"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [22, 2**20 + 3])
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("where", ["start", "middle", "tail"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_changes_nothing(device, n, G, where, bad):
+    p, m, v = make_state(n, device)
+    m.fill_(0.25)
+    v.fill_(0.5)
+    out = torch.full((n,), 7.0, device=device)
+    before = [t.clone() for t in (p, m, v, out)]
+    grads = [torch.randn(n, device=device) for _ in range(G)]
+    idx = {"start": 0, "middle": n // 2, "tail": n - 1}[where]
+    grads[-1][idx] = bad
+    assert fused_adam_step(p, m, v, grads, step=3, out=out, **HYPER) is False
+    for x, y in zip((p, m, v, out), before):
+        assert torch.equal(x, y)
+
+
+def test_overflowing_sum_of_finite_gradients_is_rejected():
+    n = 1000
+    p, m, v = make_state(n, "cpu")
+    grads = [torch.full((n,), 3e38), torch.full((n,), 3e38), torch.zeros(n)]
+    before = p.clone()
+    assert fused_adam_step(p, m, v, grads, step=1, **HYPER) is False
+    assert torch.equal(p, before)
+
+
+def test_deterministic_sum_order_and_g_by_p_tensor():
+    n, G = 4099, 5
+    grads = torch.randn(G, n) * torch.logspace(-3, 3, G).unsqueeze(1)  # order-sensitive sums
+    a, b = make_state(n, "cpu"), make_state(n, "cpu")
+    assert fused_adam_step(*a, grads, step=1, **HYPER)          # G x P tensor form
+    assert adam_step_reference(*b, list(grads), step=1, **HYPER)  # oracle, same order
+    for x, y in zip(a, b):
+        assert rel_err(x, y) < 1e-6
+
+
+BAD_CASES = {
+    "size": (lambda: dict(grads=[torch.zeros(9)]), ValueError, "9 elements"),
+    "dtype": (lambda: dict(grads=[torch.zeros(10, dtype=torch.float64)]), TypeError, "float32"),
+    "noncontig": (lambda: dict(param=torch.zeros(20)[::2]), ValueError, "contiguous"),
+    "empty": (lambda: dict(grads=[]), ValueError, "G >= 1"),
+    "out_aliases_grad": (None, ValueError, "aliases grads"),
+    "param_is_m": (None, ValueError, "share memory"),
+    "bad_step": (lambda: dict(step=0), ValueError, "step"),
+    "bad_beta": (lambda: dict(beta1=1.0), ValueError, "beta1"),
+    "grad_3d": (lambda: dict(grads=torch.zeros(2, 2, 10)), ValueError, "G x P"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_arguments_raise_before_writing(case):
+    make, exc, msg = BAD_CASES[case]
+    p, m, v = make_state(10, "cpu")
+    g = torch.randn(10)
+    kw = dict(param=p, exp_avg=m, exp_avg_sq=v, grads=[g], step=1, out=None, **HYPER)
+    if case == "out_aliases_grad":
+        kw["out"] = g
+    elif case == "param_is_m":
+        kw["exp_avg"] = p
+    else:
+        kw.update(make())
+    snapshot = [t.clone() for t in (p, m, v, g)]
+    with pytest.raises(exc, match=msg):
+        fused_adam_step(**kw)
+    for x, y in zip((p, m, v, g), snapshot):
+        assert torch.equal(x, y)
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    p, m, v = make_state(10, "cpu")
+    with pytest.raises(ValueError, match="cannot update buffers on cpu"):
+        fused_adam_step(p, m, v, [torch.zeros(10)], step=1, backend="cuda", **HYPER)
+    with pytest.raises(ValueError, match="unknown backend"):
+        fused_adam_step(p, m, v, [torch.zeros(10)], step=1, backend="gpu", **HYPER)
+
+
+# --- FusedAdam, the drop-in optimizer -------------------------------------------------------
+
+
+def _model(device, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(13, 32), torch.nn.Tanh(), torch.nn.Linear(32, 3)).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_fused_adam_training_curve_matches_torch(device, decoupled):
+    a, b = _model(device), _model(device)
+    opt_a = FusedAdam(a.parameters(), lr=3e-3, weight_decay=0.01, decoupled=decoupled)
+    cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    opt_b = cls(b.parameters(), lr=3e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 13, generator=gen).to(device)
+    y = (x[:, :3] * torch.tensor([1.0, -2.0, 0.5], device=device)).argmax(1)  # learnable labels
+    losses = []
+    for _ in range(60):
+        pair = []
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            pair.append(loss.item())
+        losses.append(pair)
+    for la, lb in losses:
+        assert abs(la - lb) <= 1e-5 * abs(lb)
+    assert losses[-1][0] < 0.8 * losses[0][0]  # it trains
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert rel_err(pa.detach(), pb.detach()) < 1e-5
+
+
+def test_fused_adam_skips_params_without_grad_and_non_finite_steps():
+    model = _model("cpu")
+    opt = FusedAdam(model.parameters(), lr=1e-2)
+    first, last = model[0].weight, model[2].bias
+    before_last = last.detach().clone()
+    model[0].weight.grad = torch.ones_like(first)  # only the first layer has a gradient
+    opt.step()
+    assert torch.equal(last.detach(), before_last)
+    assert int(opt.state[first]["step"]) == 1 and int(opt.state[last]["step"]) == 0
+    snapshot = first.detach().clone()
+    first.grad = torch.full_like(first, float("nan"))
+    opt.step()
+    assert torch.equal(first.detach(), snapshot)
+    assert int(opt.state[first]["step"]) == 1
+
+
+def test_fused_adam_state_dict_round_trip_and_torch_compat():
+    a, b = _model("cpu"), _model("cpu")
+    opt_a = FusedAdam(a.parameters(), lr=1e-2)
+    x = torch.randn(64, 13)
+    for _ in range(3):
+        opt_a.zero_grad()
+        a(x).square().mean().backward()
+        opt_a.step()
+    b.load_state_dict(a.state_dict())
+    opt_b = FusedAdam(b.parameters(), lr=1e-2)
+    opt_b.load_state_dict(opt_a.state_dict())
+    # the same next step on both
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    # a torch.optim.Adam state dict loads too (same state keys)
+    c = _model("cpu")
+    t_opt = torch.optim.Adam(c.parameters(), lr=1e-2)
+    c(x).square().mean().backward()
+    t_opt.step()
+    f_opt = FusedAdam(c.parameters(), lr=1e-2)
+    f_opt.load_state_dict(t_opt.state_dict())
+    p0 = next(c.parameters())
+    assert torch.equal(f_opt.state[p0]["exp_avg"], t_opt.state[p0]["exp_avg"])
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(lr=-1.0), "learning rate"), (dict(betas=(1.0, 0.9)), "beta1"),
+    (dict(betas=(0.9, -0.1)), "beta2"), (dict(eps=-1.0), "epsilon"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(backend="tpu"), "unknown backend"),
+])
+def test_fused_adam_validates_hyperparameters(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        FusedAdam(_model("cpu").parameters(), **kwargs)
+
+
+def test_fused_adam_rejects_non_fp32():
+    model = _model("cpu").double()
+    with pytest.raises(TypeError, match="float32"):
+        FusedAdam(model.parameters())
