@@ -1,0 +1,398 @@
+// The shared region (see region.h for the protocol).
+#include "region.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "cpu/thread_pool.h"
+
+namespace pyasgd {
+namespace {
+
+static_assert(std::atomic<uint64_t>::is_always_lock_free, "need lock-free 64-bit atomics");
+static_assert(std::atomic<uint32_t>::is_always_lock_free, "need lock-free 32-bit atomics");
+
+constexpr size_t kAlign = 4096;  // page-aligned buffers: DMA-friendly and 64-byte aligned for SIMD
+size_t round_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
+
+using Clock = std::chrono::steady_clock;
+
+std::string errno_text(const std::string& what) { return what + ": " + std::strerror(errno); }
+
+bool pid_dead(int pid) { return pid > 0 && kill(pid, 0) == -1 && errno == ESRCH; }
+
+// Shared (not private) futex: the word lives in memory mapped by several processes.
+void futex_wait(std::atomic<uint32_t>* word, uint32_t expected, double seconds) {
+  if (seconds <= 0) return;
+  timespec ts;
+  ts.tv_sec = static_cast<time_t>(seconds);
+  ts.tv_nsec = static_cast<long>((seconds - static_cast<double>(ts.tv_sec)) * 1e9);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, &ts, nullptr, 0);
+}
+
+void futex_wake_all(std::atomic<uint32_t>* word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+}
+
+void bump_and_wake(std::atomic<uint32_t>& word, std::atomic<uint32_t>& sleepers) {
+  word.fetch_add(1, std::memory_order_seq_cst);
+  if (sleepers.load(std::memory_order_seq_cst) != 0) futex_wake_all(&word);
+}
+
+// Waits until ready() is true: spins ~20 us (cheap hand-offs stay in user space), then sleeps on
+// the futex word in slices of at most `slice` seconds, calling on_idle() between slices.
+// Throws TimeoutError after `timeout` seconds and ClosedError once the region is closed.
+template <class Ready, class Idle>
+void wait_for(const Header* h, std::atomic<uint32_t>& word, std::atomic<uint32_t>& sleepers,
+              double timeout, const char* what, Ready ready, Idle on_idle) {
+  const auto start = Clock::now();
+  for (int i = 0; i < 2000; ++i) {
+    if (ready()) return;
+    _mm_pause();
+  }
+  for (;;) {
+    uint32_t seen = word.load(std::memory_order_seq_cst);
+    if (ready()) return;
+    if (h->closed.load()) throw ClosedError(std::string("region closed while waiting for ") + what);
+    double left = timeout - std::chrono::duration<double>(Clock::now() - start).count();
+    if (left <= 0) throw TimeoutError(std::string("timed out after ") + std::to_string(timeout) + " s waiting for " + what);
+    sleepers.fetch_add(1, std::memory_order_seq_cst);
+    if (!ready()) futex_wait(&word, seen, std::min(left, 0.05));
+    sleepers.fetch_sub(1, std::memory_order_seq_cst);
+    on_idle();
+  }
+}
+
+}  // namespace
+
+void parallel_copy(float* dst, const float* src, size_t n) {
+  constexpr size_t kChunk = 1 << 18;  // 1 MiB
+  if (n < 4 * kChunk) {
+    std::memcpy(dst, src, n * sizeof(float));
+    return;
+  }
+  size_t chunks = (n + kChunk - 1) / kChunk;
+  cpu::pool().run(chunks, [&](size_t c) {
+    size_t b = c * kChunk, e = std::min(n, b + kChunk);
+    std::memcpy(dst + b, src + b, (e - b) * sizeof(float));
+  });
+}
+
+SlotMeta& Region::meta(int k) const {
+  return reinterpret_cast<SlotMeta*>(static_cast<char*>(base_) + h_->slot_meta_offset)[k];
+}
+float* Region::param_ptr(int i) const {
+  return reinterpret_cast<float*>(static_cast<char*>(base_) + h_->param_offset[i]);
+}
+float* Region::slot_ptr(int k) const {
+  return reinterpret_cast<float*>(static_cast<char*>(base_) + slot_offset(k));
+}
+
+std::unique_ptr<Region> Region::create(uint64_t n, uint64_t slots) {
+  if (n == 0) throw std::invalid_argument("region needs at least one parameter (n >= 1)");
+  if (slots == 0) throw std::invalid_argument("region needs at least one gradient slot (slots >= 1)");
+  sweep_stale();
+  const size_t buf = round_up(n * sizeof(float));
+  const size_t header = round_up(sizeof(Header));
+  const size_t metas = round_up(slots * sizeof(SlotMeta));
+  const size_t total = header + 2 * buf + metas + slots * buf;
+
+  std::random_device rd;
+  std::unique_ptr<Region> r(new Region());
+  int fd = -1;
+  for (int attempt = 0; attempt < 16 && fd < 0; ++attempt) {
+    char name[64];
+    std::snprintf(name, sizeof(name), "/pyasgd-%d-%08x%08x", getpid(), rd(), rd());
+    fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd >= 0) r->name_ = name + 1;
+    else if (errno != EEXIST) throw std::runtime_error(errno_text("shm_open(" + std::string(name) + ")"));
+  }
+  if (fd < 0) throw std::runtime_error("could not find a free shared-memory name");
+  r->owner_ = true;
+  if (ftruncate(fd, static_cast<off_t>(total)) != 0) {
+    int e = errno;
+    ::close(fd);
+    shm_unlink(("/" + r->name_).c_str());
+    errno = e;
+    throw std::runtime_error(errno_text("ftruncate of shared region to " + std::to_string(total) + " bytes (is /dev/shm large enough?)"));
+  }
+  void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (base == MAP_FAILED) {
+    shm_unlink(("/" + r->name_).c_str());
+    throw std::runtime_error(errno_text("mmap of shared region"));
+  }
+  r->base_ = base;
+  r->size_ = total;
+  // The file is zero-filled: every atomic starts at 0 and every slot FREE.
+  Header* h = new (base) Header();
+  h->layout_version = kLayoutVersion;
+  h->owner_pid = getpid();
+  h->n = n;
+  h->slots = slots;
+  h->param_offset[0] = header;
+  h->param_offset[1] = header + buf;
+  h->slot_meta_offset = header + 2 * buf;
+  h->slot_data_offset = header + 2 * buf + metas;
+  h->slot_stride = buf;
+  h->total_bytes = total;
+  for (uint64_t k = 0; k < slots; ++k)
+    new (static_cast<char*>(base) + h->slot_meta_offset + k * sizeof(SlotMeta)) SlotMeta();
+  r->h_ = h;
+  std::atomic_thread_fence(std::memory_order_release);
+  reinterpret_cast<std::atomic<uint64_t>*>(&h->magic)->store(kRegionMagic, std::memory_order_release);
+  return r;
+}
+
+std::unique_ptr<Region> Region::attach(const std::string& name) {
+  std::string path = name.empty() || name[0] != '/' ? "/" + name : name;
+  int fd = shm_open(path.c_str(), O_RDWR, 0);
+  if (fd < 0) {
+    if (errno == ENOENT)
+      throw std::invalid_argument("no shared region named '" + path.substr(1) + "' (did its run end, or is the name mistyped?)");
+    throw std::runtime_error(errno_text("shm_open(" + path + ")"));
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < sizeof(Header)) {
+    ::close(fd);
+    throw std::invalid_argument("'" + path.substr(1) + "' is not a pyasgd shared region (too small)");
+  }
+  void* base = mmap(nullptr, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  ::close(fd);
+  if (base == MAP_FAILED) throw std::runtime_error(errno_text("mmap(" + path + ")"));
+  Header* h = static_cast<Header*>(base);
+  if (reinterpret_cast<std::atomic<uint64_t>*>(&h->magic)->load(std::memory_order_acquire) != kRegionMagic ||
+      h->layout_version != kLayoutVersion || h->total_bytes != static_cast<uint64_t>(st.st_size)) {
+    munmap(base, st.st_size);
+    throw std::invalid_argument("'" + path.substr(1) + "' is not a pyasgd shared region of layout " +
+                                std::to_string(kLayoutVersion) + " (wrong magic, layout or size)");
+  }
+  std::unique_ptr<Region> r(new Region());
+  r->name_ = path.substr(1);
+  r->base_ = base;
+  r->size_ = st.st_size;
+  r->h_ = h;
+  return r;
+}
+
+int Region::sweep_stale() {
+  int removed = 0;
+  DIR* d = opendir("/dev/shm");
+  if (!d) return 0;
+  while (dirent* e = readdir(d)) {
+    if (std::strncmp(e->d_name, "pyasgd-", 7) != 0) continue;
+    std::string path = std::string("/") + e->d_name;
+    int fd = shm_open(path.c_str(), O_RDONLY, 0);
+    if (fd < 0) continue;
+    struct stat st;
+    bool stale = false;
+    if (fstat(fd, &st) == 0 && static_cast<size_t>(st.st_size) >= sizeof(Header)) {
+      void* p = mmap(nullptr, sizeof(Header), PROT_READ, MAP_SHARED, fd, 0);
+      if (p != MAP_FAILED) {
+        const Header* h = static_cast<const Header*>(p);
+        stale = h->magic == kRegionMagic && pid_dead(h->owner_pid);
+        munmap(p, sizeof(Header));
+      }
+    }
+    ::close(fd);
+    if (stale && shm_unlink(path.c_str()) == 0) ++removed;
+  }
+  closedir(d);
+  return removed;
+}
+
+Region::~Region() {
+  if (owner_) unlink();
+  if (base_) munmap(base_, size_);
+}
+
+void Region::unlink() {
+  if (!unlinked_) {
+    shm_unlink(("/" + name_).c_str());
+    unlinked_ = true;
+  }
+}
+
+void Region::close() {
+  h_->closed.store(1);
+  futex_wake_all(&h_->ready_word);
+  futex_wake_all(&h_->free_word);
+  futex_wake_all(&h_->version_word);
+}
+
+// --- parameters --------------------------------------------------------------------------------
+
+int Region::begin_write() {
+  int back = static_cast<int>((h_->published.load(std::memory_order_acquire) & 1) ^ 1);
+  h_->buf_seq[back].fetch_add(1, std::memory_order_relaxed);  // odd: readers of it will retry
+  std::atomic_thread_fence(std::memory_order_seq_cst);       // before any byte of the new data
+  return back;
+}
+
+uint64_t Region::end_write(bool publish) {
+  uint64_t pub = h_->published.load(std::memory_order_acquire);
+  int back = static_cast<int>((pub & 1) ^ 1);
+  uint64_t version = pub >> 1;
+  if (publish) {
+    version += 1;
+    h_->buf_version[back].store(version, std::memory_order_relaxed);
+  }
+  h_->buf_seq[back].fetch_add(1, std::memory_order_release);  // even: consistent again
+  if (publish) {
+    h_->published.store((version << 1) | static_cast<uint64_t>(back), std::memory_order_release);
+    bump_and_wake(h_->version_word, h_->version_sleepers);
+  }
+  return version;
+}
+
+void Region::read_begin(uint64_t* version, int* index, uint64_t* seq) const {
+  for (;;) {
+    int idx = static_cast<int>(h_->published.load(std::memory_order_acquire) & 1);
+    uint64_t s = h_->buf_seq[idx].load(std::memory_order_acquire);
+    if (s & 1) {  // only when the server lapped us: it is rewriting what we were told is current
+      _mm_pause();
+      continue;
+    }
+    *version = h_->buf_version[idx].load(std::memory_order_acquire);  // what this buffer holds
+    *index = idx;
+    *seq = s;
+    return;
+  }
+}
+
+bool Region::read_validate(int index, uint64_t seq) const {
+  std::atomic_thread_fence(std::memory_order_acquire);  // the copy happens before this check
+  return h_->buf_seq[index].load(std::memory_order_relaxed) == seq;
+}
+
+uint64_t Region::pull_cpu(float* dst) const {
+  for (;;) {
+    uint64_t version, seq;
+    int idx;
+    read_begin(&version, &idx, &seq);
+    parallel_copy(dst, param_ptr(idx), h_->n);
+    if (read_validate(idx, seq)) return version;
+  }
+}
+
+uint64_t Region::wait_version(uint64_t above, double timeout) {
+  wait_for(h_, h_->version_word, h_->version_sleepers, timeout, "a new parameter version",
+           [&] { return version() > above; }, [] {});
+  return version();
+}
+
+// --- gradient ring -------------------------------------------------------------------------------
+
+std::vector<Reclaimed> Region::reclaim_dead() {
+  std::vector<Reclaimed> out;
+  for (uint64_t k = 0; k < h_->slots; ++k) {
+    SlotMeta& s = meta(static_cast<int>(k));
+    if (s.state.load(std::memory_order_acquire) != kWriting || !pid_dead(s.owner_pid)) continue;
+    uint32_t expected = kWriting;
+    int pid = s.owner_pid, worker = s.worker;
+    if (s.state.compare_exchange_strong(expected, kFree)) {
+      h_->reclaimed.fetch_add(1);
+      out.push_back({static_cast<int>(k), pid, worker});
+    }
+  }
+  if (!out.empty()) bump_and_wake(h_->free_word, h_->free_sleepers);
+  return out;
+}
+
+int Region::claim(int worker, double timeout) {
+  const int pid = getpid();
+  const uint64_t K = h_->slots;
+  // Start the scan at a per-worker offset so pushers rarely contend for the same slot.
+  const uint64_t start = static_cast<uint64_t>(worker < 0 ? pid : worker) % K;
+  int got = -1;
+  auto try_claim = [&] {
+    for (uint64_t i = 0; i < K; ++i) {
+      int k = static_cast<int>((start + i) % K);
+      SlotMeta& s = meta(k);
+      uint32_t expected = kFree;
+      if (s.state.load(std::memory_order_relaxed) == kFree &&
+          s.state.compare_exchange_strong(expected, kWriting, std::memory_order_acquire)) {
+        s.owner_pid = pid;
+        s.worker = worker;
+        got = k;
+        return true;
+      }
+    }
+    return false;
+  };
+  wait_for(h_, h_->free_word, h_->free_sleepers, timeout,
+           "a free gradient slot (every slot is taken: is the server running?)", try_claim,
+           [&] { reclaim_dead(); });
+  return got;
+}
+
+uint64_t Region::commit(int slot, uint64_t version, uint64_t tokens, double loss) {
+  SlotMeta& s = meta(slot);
+  s.version = version;
+  s.tokens = tokens;
+  s.loss = loss;
+  s.push_seq = h_->push_seq.fetch_add(1, std::memory_order_relaxed);
+  uint64_t seq = s.push_seq;
+  s.state.store(kReady, std::memory_order_release);  // data and metadata before READY
+  bump_and_wake(h_->ready_word, h_->ready_sleepers);
+  return seq;
+}
+
+void Region::abandon(int slot) {
+  meta(slot).state.store(kFree, std::memory_order_release);
+  bump_and_wake(h_->free_word, h_->free_sleepers);
+}
+
+uint64_t Region::push_cpu(const float* src, int worker, uint64_t version, uint64_t tokens,
+                          double loss, double timeout) {
+  int k = claim(worker, timeout);
+  parallel_copy(slot_ptr(k), src, h_->n);
+  return commit(k, version, tokens, loss);
+}
+
+std::vector<Collected> Region::collect(int G, double timeout, std::vector<Reclaimed>* reclaimed) {
+  if (G < 1 || static_cast<uint64_t>(G) > h_->slots)
+    throw std::invalid_argument("collect: G must be between 1 and the number of slots (" + std::to_string(h_->slots) + ")");
+  std::vector<Collected> ready;
+  auto enough = [&] {
+    ready.clear();
+    for (uint64_t k = 0; k < h_->slots; ++k) {
+      SlotMeta& s = meta(static_cast<int>(k));
+      if (s.state.load(std::memory_order_acquire) == kReady)
+        ready.push_back({static_cast<int>(k), s.worker, s.version, s.tokens, s.push_seq, s.loss});
+    }
+    return ready.size() >= static_cast<size_t>(G);
+  };
+  wait_for(h_, h_->ready_word, h_->ready_sleepers, timeout, "gradients from the workers", enough,
+           [&] {
+             auto r = reclaim_dead();
+             if (reclaimed) reclaimed->insert(reclaimed->end(), r.begin(), r.end());
+           });
+  std::sort(ready.begin(), ready.end(),
+            [](const Collected& a, const Collected& b) { return a.push_seq < b.push_seq; });
+  ready.resize(G);  // the G earliest arrivals
+  for (auto& c : ready) meta(c.slot).state.store(kReading, std::memory_order_relaxed);
+  return ready;
+}
+
+void Region::release(const std::vector<int>& slots) {
+  for (int k : slots) meta(k).state.store(kFree, std::memory_order_release);
+  bump_and_wake(h_->free_word, h_->free_sleepers);
+}
+
+}  // namespace pyasgd

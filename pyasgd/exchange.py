@@ -1,0 +1,309 @@
+"""The shared region's Python face: versioned parameters and the lock-free gradient ring in one
+POSIX shared-memory segment (csrc/region.h has the protocol), as torch tensors.
+
+    region = SharedRegion.create(n=P, slots=N + G)           # launcher (owner)
+    region = SharedRegion.attach(name)                       # worker / server (spawned)
+    version = region.pull(params)                            # worker: consistent snapshot
+    region.push(grad, version=version, tokens=T, worker=i)   # worker: lock-free slot claim
+    batch = region.collect(G)                                # server: G earliest arrivals
+    region.apply(batch, master, m, v, step=t, lr=...)        # fused sum + Adam, publish, release
+
+Staleness of a collected gradient = the version published when it is applied − the version it
+was computed from: the number of updates it missed (0 in synchronous SGD, N−1 in round-robin
+asynchronous SGD with N workers).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from pyasgd import _ext
+from pyasgd.optim import fused_adam_step
+
+__all__ = ["SharedRegion", "Batch", "RegionTimeoutError", "RegionClosedError", "default_slots"]
+
+_C = _ext.ext()
+RegionTimeoutError = _C.RegionTimeoutError
+RegionClosedError = _C.RegionClosedError
+FREE, WRITING, READY, READING = 0, 1, 2, 3
+
+
+def default_slots(workers: int, global_accum: int) -> int:
+    """Room for every worker to be writing one gradient while the server reads G: pushers then
+    wait only when the server falls behind, never because of each other."""
+    return workers + global_accum
+
+
+@dataclass
+class Batch:
+    """G collected gradients, in arrival order, with what the server needs to apply them."""
+    slots: list[int]
+    grads: list[torch.Tensor]  # views of the slot buffers; valid until released
+    workers: list[int]
+    versions: list[int]
+    tokens: list[int]
+    losses: list[float]
+    push_seqs: list[int]
+    staleness: list[int]
+    reclaimed: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, pid, worker)
+
+
+_owned: weakref.WeakSet = weakref.WeakSet()
+_handlers_installed = False
+_install_lock = threading.Lock()
+
+
+def _cleanup_owned() -> None:
+    for region in list(_owned):
+        region.close()
+
+
+def _on_signal(signum, frame):  # owner killed by SIGTERM: remove its segments, then die of it
+    _cleanup_owned()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_owner_handlers() -> None:
+    global _handlers_installed
+    with _install_lock:
+        if _handlers_installed:
+            return
+        _handlers_installed = True
+        atexit.register(_cleanup_owned)
+        if threading.current_thread() is threading.main_thread():
+            # Only where nobody else handles it: a launcher with its own handler calls close().
+            if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+                signal.signal(signal.SIGTERM, _on_signal)
+        # SIGINT raises KeyboardInterrupt, which unwinds through `with`/finally and atexit.
+        # SIGKILL cannot be handled: the next create() sweeps segments whose owner is dead.
+
+
+def _check_tensor(name: str, t: torch.Tensor, n: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 to match the region, got {t.dtype}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (flatten your parameters into one buffer)")
+    if t.numel() != n:
+        raise ValueError(f"{name} has {t.numel()} elements but the region holds {n}")
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on {t.device}; the region exchanges with CPU or CUDA tensors")
+
+
+class SharedRegion:
+    """One run's shared-memory segment. Create it in the launcher (the owner, which unlinks it on
+    every exit path), attach to it by name in spawned processes."""
+
+    def __init__(self, handle, *, pin: bool = False) -> None:
+        self._h = handle
+        mem = handle.memory()
+        n = handle.n
+        self.params = [torch.frombuffer(mem, dtype=torch.float32, count=n, offset=handle.param_offset(i))
+                       for i in (0, 1)]
+        self.slot_buffers = [torch.frombuffer(mem, dtype=torch.float32, count=n, offset=handle.slot_offset(k))
+                             for k in range(handle.slots)]
+        self._pinned = False
+        if pin:
+            self._pin()
+        if handle.is_owner:
+            _owned.add(self)
+            _install_owner_handlers()
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, n: int, slots: int, *, pin: bool = False) -> SharedRegion:
+        """A new region for `n` fp32 parameters and `slots` gradient slots. Stale `pyasgd-*`
+        segments whose owner died are removed first."""
+        if int(n) < 1:
+            raise ValueError(f"n must be >= 1 (the number of fp32 parameters), got {n}")
+        if int(slots) < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        return cls(_C.Region.create(int(n), int(slots)), pin=pin)
+
+    @classmethod
+    def attach(cls, name: str, *, pin: bool = False) -> SharedRegion:
+        return cls(_C.Region.attach(name), pin=pin)
+
+    def _pin(self) -> None:
+        """Register the mapping as pinned memory so CUDA copies go by DMA."""
+        if not torch.cuda.is_available():
+            return
+        if _ext.cuda_built():
+            _C.cuda_host_register(self._h.address, self._h.size)
+        else:
+            err = torch.cuda.cudart().cudaHostRegister(self._h.address, self._h.size, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of the shared region failed ({err})")
+        self._pinned = True
+
+    def close(self) -> None:
+        """Detach (and, for the owner, unlink). Tensors taken from this region become invalid."""
+        h = self._h
+        if h is None:
+            return
+        self.params = []
+        self.slot_buffers = []
+        if self._pinned:
+            if _ext.cuda_built():
+                _C.cuda_host_unregister(h.address)
+            else:
+                torch.cuda.cudart().cudaHostUnregister(h.address)
+            self._pinned = False
+        if h.is_owner:
+            h.close()  # wake every waiter: they raise RegionClosedError instead of hanging
+            h.unlink()
+        self._h = None
+        _owned.discard(self)
+
+    def shutdown(self) -> None:
+        """Tell every process waiting on the region to stop waiting (they get RegionClosedError)."""
+        self._handle().close()
+
+    def __enter__(self) -> SharedRegion:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def _handle(self):
+        if self._h is None:
+            raise RuntimeError("the shared region is closed")
+        return self._h
+
+    @property
+    def name(self) -> str:
+        return self._handle().name
+
+    @property
+    def n(self) -> int:
+        return self._handle().n
+
+    @property
+    def slots(self) -> int:
+        return self._handle().slots
+
+    @property
+    def version(self) -> int:
+        return self._handle().version
+
+    @property
+    def reclaimed(self) -> int:
+        return self._handle().reclaimed
+
+    # -- parameters -----------------------------------------------------------------------------
+
+    def publish(self, params: torch.Tensor) -> int:
+        """Write a whole new parameter vector (e.g. the initial one) and publish it."""
+        h = self._handle()
+        _check_tensor("params", params, h.n)
+        back = h.begin_write()
+        try:
+            self.params[back].copy_(params.reshape(-1))
+        except BaseException:
+            h.end_write(False)
+            raise
+        return h.end_write(True)
+
+    def pull(self, dst: torch.Tensor) -> int:
+        """Copy the published parameters into `dst` (CPU or CUDA) and return their version. Never
+        a mix of two versions; never blocks the server."""
+        h = self._handle()
+        _check_tensor("dst", dst, h.n)
+        if dst.device.type == "cpu":
+            return h.pull_cpu(dst.data_ptr())
+        while True:
+            version, idx, seq = h.read_begin()
+            dst.copy_(self.params[idx])  # synchronous: done before validation
+            if h.read_validate(idx, seq):
+                return version
+
+    def wait_version(self, above: int, timeout: float = 60.0) -> int:
+        """Block (futex, no spinning) until the published version exceeds `above`."""
+        return self._handle().wait_version(int(above), float(timeout))
+
+    # -- gradient ring --------------------------------------------------------------------------
+
+    def push(self, grad: torch.Tensor, *, version: int, tokens: int = 0, worker: int = -1,
+             loss: float = 0.0, timeout: float = 60.0) -> int:
+        """Claim a free slot (lock-free), copy `grad` in, mark it ready. Waits with backoff while
+        every slot is taken and raises RegionTimeoutError after `timeout` seconds. Returns the
+        push sequence number."""
+        h = self._handle()
+        _check_tensor("grad", grad, h.n)
+        if version < 0 or tokens < 0:
+            raise ValueError(f"version and tokens must be >= 0, got {version} and {tokens}")
+        if grad.device.type == "cpu":
+            return h.push_cpu(grad.data_ptr(), int(worker), int(version), int(tokens), float(loss), float(timeout))
+        slot = h.claim(int(worker), float(timeout))
+        try:
+            self.slot_buffers[slot].copy_(grad.reshape(-1))  # device -> pinned host, synchronous
+        except BaseException:
+            h.abandon(slot)
+            raise
+        return h.commit(slot, int(version), int(tokens), float(loss))
+
+    def collect(self, G: int, timeout: float = 60.0) -> Batch:
+        """Wait for G ready gradients and take the G earliest arrivals (marked in use until
+        release()). Slots held by dead writers are reclaimed meanwhile and reported."""
+        h = self._handle()
+        if not 1 <= G <= h.slots:
+            raise ValueError(f"G must be between 1 and the region's {h.slots} slots, got {G}")
+        got, reclaimed = h.collect(int(G), float(timeout))
+        current = h.version
+        return Batch(
+            slots=[c.slot for c in got],
+            grads=[self.slot_buffers[c.slot] for c in got],
+            workers=[c.worker for c in got],
+            versions=[c.version for c in got],
+            tokens=[c.tokens for c in got],
+            losses=[c.loss for c in got],
+            push_seqs=[c.push_seq for c in got],
+            staleness=[current - c.version for c in got],
+            reclaimed=[(r.slot, r.pid, r.worker) for r in reclaimed],
+        )
+
+    def release(self, batch: Batch) -> None:
+        self._handle().release(batch.slots)
+
+    def apply(self, batch: Batch, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+              *, grads: list[torch.Tensor] | None = None, **adam) -> bool:
+        """The server's update: fused sum of the batch's gradients (or `grads`, e.g. rescaled
+        ones) + Adam into the master `param`, new parameters written straight into the back
+        buffer, then publish (version + 1) and release the slots. Returns False, publishing
+        nothing, when the summed gradient was not finite."""
+        h = self._handle()
+        back = h.begin_write()
+        ok = False
+        try:
+            grads = batch.grads if grads is None else grads
+            if param.device.type == "cpu":  # the kernel writes the back buffer in the same pass
+                ok = fused_adam_step(param, exp_avg, exp_avg_sq, grads, out=self.params[back], **adam)
+            else:  # a GPU master reads pinned slots directly; its result is copied back by DMA
+                ok = fused_adam_step(param, exp_avg, exp_avg_sq, grads, **adam)
+                if ok:
+                    self.params[back].copy_(param)
+        finally:
+            h.end_write(ok)
+            h.release(batch.slots)
+        return ok
+
+    def slot_state(self, k: int) -> int:
+        return self._handle().slot_state(k)
+
+    def reclaim_dead(self) -> list[tuple[int, int, int]]:
+        return [(r.slot, r.pid, r.worker) for r in self._handle().reclaim_dead()]

@@ -1,0 +1,267 @@
+"""The shared region under real concurrency: spawned processes pushing, pulling and dying."""
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+import torch
+
+import mp_helpers
+from pyasgd.exchange import (READY, SharedRegion, RegionClosedError, RegionTimeoutError,
+                             default_slots)
+
+CTX = mp.get_context("spawn")
+
+
+def shm_names():
+    return {n for n in os.listdir("/dev/shm") if n.startswith("pyasgd-")}
+
+
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_conservation_four_writers(G):
+    workers, pushes, n = 4, 2000, 33
+    with SharedRegion.create(n, default_slots(workers, G)) as region:
+        with CTX.Pool(workers) as pool:
+            pending = [pool.apply_async(mp_helpers.writer, (region.name, w, pushes, n)) for w in range(workers)]
+            total = torch.zeros(n, dtype=torch.float64)
+            seen, tokens, remaining = [], 0, workers * pushes
+            while remaining:
+                batch = region.collect(min(G, remaining), timeout=60)
+                for g in batch.grads:
+                    total += g.double()
+                seen += batch.push_seqs
+                tokens += sum(batch.tokens)
+                assert batch.push_seqs == sorted(batch.push_seqs)  # arrival order
+                region.release(batch)
+                remaining -= len(batch.slots)
+            pushed = [s for p in pending for s in p.get(timeout=60)]
+    assert torch.equal(total, mp_helpers.expected_total(workers, pushes, n))  # nothing lost or doubled
+    assert tokens == workers * pushes
+    assert sorted(seen) == sorted(pushed) == list(range(workers * pushes))  # each seq seen once
+
+
+def test_no_torn_pulls_and_versions_never_go_back():
+    n, versions = 200_003, 2000
+    with SharedRegion.create(n, 1) as region:
+        q, started = CTX.Queue(), CTX.Barrier(4)
+        readers = [CTX.Process(target=mp_helpers.reader, args=(region.name, versions, q, started))
+                   for _ in range(3)]
+        for r in readers:
+            r.start()
+        started.wait(timeout=120)  # every reader attached and about to pull
+        for v in range(1, versions + 1):
+            assert region.publish(torch.full((n,), float(v))) == v
+        results = [q.get(timeout=120) for _ in readers]
+        for r in readers:
+            r.join(timeout=30)
+            assert r.exitcode == 0
+    for pulls, distinct, problems in results:
+        assert problems == []
+        assert distinct > 10  # the readers really raced the publisher
+
+
+def test_killed_writer_holding_a_slot_is_reclaimed():
+    n, pushes = 17, 150
+    with SharedRegion.create(n, 3) as region:
+        ready = CTX.Event()
+        victim = CTX.Process(target=mp_helpers.hold_slot_then_sleep, args=(region.name, ready))
+        victim.start()
+        assert ready.wait(60)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(30)
+        writers = [CTX.Process(target=mp_helpers.writer, args=(region.name, w, pushes, n)) for w in range(2)]
+        for w in writers:
+            w.start()
+        total, got, reported = torch.zeros(n, dtype=torch.float64), 0, []
+        while got < 2 * pushes:
+            # G = 3 needs all three slots: only possible once the dead writer's slot is back
+            batch = region.collect(min(3, 2 * pushes - got), timeout=60)
+            reported += batch.reclaimed
+            for g in batch.grads:
+                total += g.double()
+            got += len(batch.slots)
+            region.release(batch)
+        for w in writers:
+            w.join(60)
+            assert w.exitcode == 0
+        assert region.reclaimed == 1
+        assert reported in ([], [(reported[0][0], victim.pid, 99)]) and (reported or region.reclaimed)
+        assert torch.equal(total, mp_helpers.expected_total(2, pushes, n))
+
+
+OWNER = textwrap.dedent("""
+    import sys, time, torch
+    from pyasgd.exchange import SharedRegion
+    r = SharedRegion.create(1000, 4)
+    print(r.name, flush=True)
+    if sys.argv[1] == "raise":
+        raise RuntimeError("boom")
+    if sys.argv[1] == "sleep":
+        time.sleep(600)
+""")
+
+
+def run_owner(mode):
+    return subprocess.Popen([sys.executable, "-c", OWNER, mode], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("mode", ["return", "raise"])
+def test_owner_exit_removes_segment(mode):
+    p = run_owner(mode)
+    out, err = p.communicate(timeout=60)
+    name = out.split()[0]
+    assert (p.returncode != 0) == (mode == "raise"), err
+    assert name not in shm_names()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_owner_signal_removes_segment(sig):
+    p = run_owner("sleep")
+    name = p.stdout.readline().strip()
+    assert name in shm_names()
+    p.send_signal(sig)
+    p.communicate(timeout=60)
+    assert p.returncode != 0
+    assert name not in shm_names()
+
+
+def test_owner_sigkill_segment_swept_by_next_create():
+    p = run_owner("sleep")
+    name = p.stdout.readline().strip()
+    p.kill()
+    p.communicate(timeout=60)
+    assert name in shm_names()  # SIGKILL cannot be handled...
+    with SharedRegion.create(10, 1):
+        assert name not in shm_names()  # ...so the next creation sweeps it (owner pid is dead)
+
+
+def test_full_ring_times_out_with_clear_error():
+    with SharedRegion.create(8, 1) as region:
+        region.push(torch.ones(8), version=0)
+        assert region.slot_state(0) == READY
+        t0 = time.monotonic()
+        with pytest.raises(RegionTimeoutError, match="free gradient slot"):
+            region.push(torch.ones(8), version=0, timeout=0.3)
+        assert 0.25 < time.monotonic() - t0 < 5
+        region.release(region.collect(1, timeout=5))  # the one ready gradient
+        with pytest.raises(RegionTimeoutError, match="gradients from the workers"):
+            region.collect(1, timeout=0.2)
+
+
+def test_shutdown_wakes_a_waiting_server():
+    with SharedRegion.create(8, 2) as region:
+        errors = []
+
+        def wait():
+            try:
+                region.collect(1, timeout=30)
+            except RegionClosedError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=wait)
+        t.start()
+        time.sleep(0.2)
+        region.shutdown()
+        t.join(5)
+        assert not t.is_alive() and errors
+
+
+def test_pull_returns_published_version_and_apply_publishes():
+    n = 1001
+    with SharedRegion.create(n, 4) as region:
+        init = torch.randn(n)
+        v0 = region.publish(init)
+        dst = torch.empty(n)
+        assert region.pull(dst) == v0 and torch.equal(dst, init)
+        for w in range(3):
+            region.push(torch.full((n,), float(w + 1)), version=v0, tokens=10, worker=w)
+        batch = region.collect(3)
+        assert batch.staleness == [0, 0, 0] and batch.workers == [0, 1, 2]
+        master, m, v = init.clone(), torch.zeros(n), torch.zeros(n)
+        assert region.apply(batch, master, m, v, step=1, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)
+        assert region.pull(dst) == v0 + 1 and torch.equal(dst, master)
+        assert all(region.slot_state(k) != READY for k in range(4))
+        # a stale gradient: computed at v0, applied on v0 + 1
+        region.push(torch.ones(n), version=v0, worker=0)
+        assert region.collect(1).staleness == [1]
+
+
+def test_apply_with_non_finite_gradient_publishes_nothing():
+    n = 64
+    with SharedRegion.create(n, 2) as region:
+        v0 = region.publish(torch.ones(n))
+        g = torch.ones(n)
+        g[5] = float("nan")
+        region.push(g, version=v0)
+        batch = region.collect(1)
+        master, m, v = torch.ones(n), torch.zeros(n), torch.zeros(n)
+        assert not region.apply(batch, master, m, v, step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8)
+        assert region.version == v0 and torch.equal(master, torch.ones(n))
+        region.push(torch.ones(n), version=v0)  # slot was released
+        dst = torch.empty(n)
+        assert region.pull(dst) == v0 and torch.equal(dst, torch.ones(n))
+
+
+@pytest.mark.parametrize("bad,exc,msg", [
+    (lambda: torch.zeros(9), ValueError, "9 elements"),
+    (lambda: torch.zeros(10, dtype=torch.float64), TypeError, "float32"),
+    (lambda: torch.zeros(20)[::2], ValueError, "contiguous"),
+    (lambda: [0.0] * 10, TypeError, "torch.Tensor"),
+])
+def test_bad_tensors_are_rejected_before_writing(bad, exc, msg):
+    with SharedRegion.create(10, 2) as region:
+        with pytest.raises(exc, match=msg):
+            region.push(bad(), version=0)
+        with pytest.raises(exc, match=msg):
+            region.pull(bad())
+        assert [region.slot_state(k) for k in range(2)] == [0, 0]  # nothing claimed
+        with pytest.raises(ValueError, match="G must be between"):
+            region.collect(3)
+
+
+def test_attach_missing_or_foreign_segment():
+    with pytest.raises(ValueError, match="no shared region named"):
+        SharedRegion.attach("pyasgd-does-not-exist")
+    path = f"/dev/shm/pyasgd-foreign-{os.getpid()}"
+    with open(path, "wb") as f:
+        f.write(b"not ours" * 4096)
+    try:
+        with pytest.raises(ValueError, match="not a pyasgd shared region"):
+            SharedRegion.attach(os.path.basename(path))
+    finally:
+        os.unlink(path)
+
+
+def test_segment_is_private_and_named():
+    with SharedRegion.create(4, 1) as region:
+        st = os.stat(f"/dev/shm/{region.name}")
+        assert region.name.startswith("pyasgd-")
+        assert st.st_mode & 0o777 == 0o600
+
+
+@pytest.mark.cuda
+def test_cuda_push_and_pull_through_pinned_region():
+    n = 1_000_003
+    with SharedRegion.create(n, 2, pin=True) as region:
+        init = torch.randn(n, device="cuda")
+        v = region.publish(init.cpu())
+        dst = torch.empty(n, device="cuda")
+        assert region.pull(dst) == v and torch.equal(dst, init)
+        g = torch.randn(n, device="cuda")
+        region.push(g, version=v, tokens=3)
+        batch = region.collect(1)
+        assert torch.equal(batch.grads[0], g.cpu())
+        # the CUDA fused update reads the pinned slot directly and writes the back buffer
+        master, m, vv = init.clone(), torch.zeros_like(init), torch.zeros_like(init)
+        ref = [init.clone(), torch.zeros_like(init), torch.zeros_like(init)]
+        from pyasgd.optim import adam_step_reference
+        adam_step_reference(*ref, [g], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+        assert region.apply(batch, master, m, vv, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+        assert ((master - ref[0]).abs().max() / ref[0].abs().max()).item() < 1e-6
+        assert region.pull(dst) == v + 1 and torch.equal(dst, master)
