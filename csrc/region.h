@@ -23,7 +23,7 @@
 namespace pyasgd {
 
 constexpr uint64_t kRegionMagic = 0x3130445347534150ULL;  // "PASGSD01" little-endian
-constexpr uint32_t kLayoutVersion = 1;
+constexpr uint32_t kLayoutVersion = 2;
 
 enum SlotState : uint32_t { kFree = 0, kWriting = 1, kReady = 2, kReading = 3 };
 
@@ -36,6 +36,7 @@ struct alignas(64) SlotMeta {
   uint64_t tokens;
   uint64_t push_seq;  // arrival order, unique per region
   double loss;
+  std::atomic<uint32_t> acks;  // ++ when the server has processed what the slot held
 };
 
 struct alignas(64) Header {
@@ -61,6 +62,15 @@ struct alignas(64) Header {
   std::atomic<uint32_t> free_sleepers;
   alignas(64) std::atomic<uint32_t> version_word;  // ++ on every publish (futex)
   std::atomic<uint32_t> version_sleepers;
+  alignas(64) std::atomic<uint32_t> ack_word;      // ++ on every ack/release (futex)
+  std::atomic<uint32_t> ack_sleepers;
+};
+
+// What a pusher keeps to wait for the server to process its gradient.
+struct Ticket {
+  uint64_t push_seq;
+  int slot;
+  uint32_t acks;  // the slot's ack count when the gradient was committed
 };
 
 struct TimeoutError : std::runtime_error {
@@ -113,10 +123,14 @@ class Region {
 
   // Gradient ring
   int claim(int worker, double timeout);
-  uint64_t commit(int slot, uint64_t version, uint64_t tokens, double loss);
+  Ticket commit(int slot, uint64_t version, uint64_t tokens, double loss);
   void abandon(int slot);
-  uint64_t push_cpu(const float* src, int worker, uint64_t version, uint64_t tokens, double loss,
-                    double timeout);
+  Ticket push_cpu(const float* src, int worker, uint64_t version, uint64_t tokens, double loss,
+                  double timeout);
+  // Server: the gradients in `slots` are processed (in the accumulation, or in a published
+  // update); release() acks too. Pushers wait for it with wait_ack (push, processed, pull).
+  void ack(const std::vector<int>& slots);
+  void wait_ack(const Ticket& t, double timeout);
   std::vector<Collected> collect(int G, double timeout, std::vector<Reclaimed>* reclaimed);
   void release(const std::vector<int>& slots);
   std::vector<Reclaimed> reclaim_dead();

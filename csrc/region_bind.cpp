@@ -25,6 +25,12 @@ void bind_region(py::module_& m) {
       .def_readonly("pid", &pyasgd::Reclaimed::pid)
       .def_readonly("worker", &pyasgd::Reclaimed::worker);
 
+  py::class_<pyasgd::Ticket>(m, "Ticket")
+      .def(py::init<>())
+      .def_readonly("push_seq", &pyasgd::Ticket::push_seq)
+      .def_readonly("slot", &pyasgd::Ticket::slot)
+      .def_readonly("acks", &pyasgd::Ticket::acks);
+
   py::class_<Region>(m, "Region")
       .def_static("create", &Region::create, py::arg("n"), py::arg("slots"))
       .def_static("attach", &Region::attach, py::arg("name"))
@@ -67,5 +73,7 @@ void bind_region(py::module_& m) {
         return std::make_pair(got, rec);
       }, nogil())
       .def("release", &Region::release, nogil())
+      .def("ack", &Region::ack, nogil())
+      .def("wait_ack", &Region::wait_ack, nogil())
       .def("reclaim_dead", &Region::reclaim_dead, nogil());
 }

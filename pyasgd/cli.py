@@ -1,17 +1,104 @@
-"""`pyasgd-train`: the console entry point."""
+"""`pyasgd-train`: train with asynchronous (or synchronous) SGD as the paper compares them.
+
+    pyasgd-train                                   # the default job
+    pyasgd-train --mode async --workers 4 --global-accum 4
+    pyasgd-train --simulate --workers 4 --local-accum 2 --global-accum 2
+    pyasgd-train --config run.toml --max-updates 2000
+    pyasgd-train --resume runs/20261126-080000-async --max-updates 4000
+
+Every option is a TrainConfig field (pyasgd/config.py); --config FILE loads TOML with the same
+names, and options given on the command line override it.
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+import signal
 import sys
+import typing
+
+from pyasgd.config import ConfigError, TrainConfig, field_docs, load_toml
+
+
+class Terminated(Exception):
+    """SIGTERM, turned into an exception so the launcher's cleanup runs."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyasgd-train", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", metavar="FILE", help="TOML file of settings (command-line options override it)")
+    p.add_argument("--build-info", action="store_true", help="print the extension build report and exit")
+    docs = field_docs()
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        opt = "--" + f.name.replace("_", "-")
+        help_ = f"{docs.get(f.name, '')} (default: {f.default})"
+        typ = hints[f.name]
+        if typ is bool:
+            p.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            continue
+        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
+        p.add_argument(opt, dest=f.name, type=base, default=None, metavar=f.name.upper(), help=help_)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
+    settings: dict = {}
+    if given.get("resume"):
+        path = os.path.join(given["resume"], "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume: {given['resume']!r} is not a run directory (no config.json)")
+        with open(path, encoding="utf-8") as f:
+            settings = json.load(f)
+        settings["out"] = given["resume"]
+    if args.config:
+        settings.update(load_toml(args.config))
+    settings.update(given)
+    return TrainConfig.from_dict(settings, source=args.config or "options")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pyasgd-train", description=__doc__)
-    parser.add_argument("--build-info", action="store_true", help="print the extension build report and exit")
-    args = parser.parse_args(argv)
-    from pyasgd.info import report
+    args = build_parser().parse_args(argv)
+    if args.build_info:
+        from pyasgd.info import report
 
-    print(report())
+        print(report())
+        return 0
+    try:
+        config = config_from_args(args)
+    except ConfigError as e:
+        print(f"pyasgd-train: error: {e}", file=sys.stderr)
+        return 2
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    from pyasgd.launcher import TrainingError, train
+
+    try:
+        summary = train(config)
+    except ConfigError as e:
+        print(f"pyasgd-train: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"pyasgd-train: training failed: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pyasgd-train: interrupted; all processes stopped, shared memory removed", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("pyasgd-train: terminated; all processes stopped, shared memory removed", file=sys.stderr)
+        return 143
+    keys = ("mode", "workers", "global_accum", "local_accum", "pull_every", "updates", "wps",
+            "avg_staleness", "best_valid", "primary_metric", "stopped_because", "wall_s")
+    print(json.dumps({k: summary.get(k) for k in keys}))
     return 0
 
 

@@ -111,6 +111,7 @@ class SharedRegion:
         self.slot_buffers = [torch.frombuffer(mem, dtype=torch.float32, count=n, offset=handle.slot_offset(k))
                              for k in range(handle.slots)]
         self._pinned = False
+        self._ticket = None
         if pin:
             self._pin()
         if handle.is_owner:
@@ -248,14 +249,28 @@ class SharedRegion:
         if version < 0 or tokens < 0:
             raise ValueError(f"version and tokens must be >= 0, got {version} and {tokens}")
         if grad.device.type == "cpu":
-            return h.push_cpu(grad.data_ptr(), int(worker), int(version), int(tokens), float(loss), float(timeout))
-        slot = h.claim(int(worker), float(timeout))
-        try:
-            self.slot_buffers[slot].copy_(grad.reshape(-1))  # device -> pinned host, synchronous
-        except BaseException:
-            h.abandon(slot)
-            raise
-        return h.commit(slot, int(version), int(tokens), float(loss))
+            ticket = h.push_cpu(grad.data_ptr(), int(worker), int(version), int(tokens), float(loss), float(timeout))
+        else:
+            slot = h.claim(int(worker), float(timeout))
+            try:
+                self.slot_buffers[slot].copy_(grad.reshape(-1))  # device -> pinned host, synchronous
+            except BaseException:
+                h.abandon(slot)
+                raise
+            ticket = h.commit(slot, int(version), int(tokens), float(loss))
+        self._ticket = ticket
+        return ticket.push_seq
+
+    def wait_processed(self, timeout: float = 60.0) -> None:
+        """Wait until the server has processed this process's last push: taken into its
+        accumulation, or (when it completed G gradients) applied and published. Pulling after
+        this is the parameter-server order the paper's staleness figures assume."""
+        if self._ticket is not None:
+            self._handle().wait_ack(self._ticket, float(timeout))
+
+    def ack(self, batch: Batch) -> None:
+        """Server: the batch's gradients are in the accumulation; their pushers may pull."""
+        self._handle().ack(batch.slots)
 
     def collect(self, G: int, timeout: float = 60.0) -> Batch:
         """Wait for G ready gradients and take the G earliest arrivals (marked in use until
@@ -277,30 +292,49 @@ class SharedRegion:
             reclaimed=[(r.slot, r.pid, r.worker) for r in reclaimed],
         )
 
+    @staticmethod
+    def merge(batches: list[Batch]) -> Batch:
+        """One batch of the gradients collected one at a time (in arrival order)."""
+        out = Batch([], [], [], [], [], [], [], [], [])
+        for b in batches:
+            for name in ("slots", "grads", "workers", "versions", "tokens", "losses", "push_seqs",
+                         "staleness", "reclaimed"):
+                getattr(out, name).extend(getattr(b, name))
+        return out
+
     def release(self, batch: Batch) -> None:
         self._handle().release(batch.slots)
 
-    def apply(self, batch: Batch, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-              *, grads: list[torch.Tensor] | None = None, **adam) -> bool:
-        """The server's update: fused sum of the batch's gradients (or `grads`, e.g. rescaled
-        ones) + Adam into the master `param`, new parameters written straight into the back
-        buffer, then publish (version + 1) and release the slots. Returns False, publishing
-        nothing, when the summed gradient was not finite."""
+    def update(self, batch: Batch, step) -> bool:
+        """The server's publish protocol around one update: `step(out)` writes the new
+        parameters into `out` (the back buffer) and returns whether to publish them; then the
+        version is bumped (or not) and the batch's slots are released, whatever happened."""
         h = self._handle()
         back = h.begin_write()
         ok = False
         try:
-            grads = batch.grads if grads is None else grads
-            if param.device.type == "cpu":  # the kernel writes the back buffer in the same pass
-                ok = fused_adam_step(param, exp_avg, exp_avg_sq, grads, out=self.params[back], **adam)
-            else:  # a GPU master reads pinned slots directly; its result is copied back by DMA
-                ok = fused_adam_step(param, exp_avg, exp_avg_sq, grads, **adam)
-                if ok:
-                    self.params[back].copy_(param)
+            ok = bool(step(self.params[back]))
         finally:
             h.end_write(ok)
             h.release(batch.slots)
         return ok
+
+    def apply(self, batch: Batch, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+              **adam) -> bool:
+        """Fused sum of the batch's gradients + Adam into the master `param`, the new parameters
+        written straight into the back buffer (CPU master) or copied there (GPU master, which
+        reads the pinned slots directly), then publish and release. Returns False, publishing
+        nothing, when the summed gradient was not finite."""
+
+        def step(out: torch.Tensor) -> bool:
+            if param.device.type == "cpu":
+                return fused_adam_step(param, exp_avg, exp_avg_sq, batch.grads, out=out, **adam)
+            ok = fused_adam_step(param, exp_avg, exp_avg_sq, batch.grads, **adam)
+            if ok:
+                out.copy_(param)
+            return ok
+
+        return self.update(batch, step)
 
     def slot_state(self, k: int) -> int:
         return self._handle().slot_state(k)

@@ -1,0 +1,262 @@
+"""TrainConfig: the single source of truth for a training run. The CLI is generated from it
+(each field's docstring is its --help), `--config FILE` loads TOML onto it, and config.json
+round-trips it."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MODES = ("sync", "async")
+SCHEDULES = ("inverse-sqrt", "constant")
+SIM_ORDERS = ("round-robin", "normal")
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the option and how to fix it."""
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    # --- the paper's methods -----------------------------------------------------------------
+    mode: str = "async"
+    """sync: the server sums one gradient from each worker per update and workers wait for it
+    (the paper's synchronous SGD); async: no barrier."""
+    workers: int = 2
+    """N, the number of worker processes (or virtual workers with --simulate)."""
+    global_accum: int | None = None
+    """G, gradients summed by the server per update (async default 1; sync always N)."""
+    local_accum: int = 1
+    """k, batches a worker sums before it pushes one gradient."""
+    pull_every: int = 1
+    """U, a worker pulls parameters only every U server updates (injected staleness)."""
+    stale_policy: str = "none"
+    """none; scale (weight each gradient by 1/max(1, staleness)); drop:T (discard gradients
+    staler than T)."""
+
+    # --- task and devices ----------------------------------------------------------------------
+    task: str = "synthetic"
+    """what to train: synthetic (a small sequence task for tests and quick runs)."""
+    devices: str = "cpu"
+    """worker devices: cpu, or a comma list such as cuda:0,cuda:1 (assigned round-robin)."""
+    server_device: str = "cpu"
+    """where the server keeps the master parameters and runs the fused update: cpu or cuda:I."""
+    threads: int = 0
+    """torch threads per CPU worker; 0 = floor(cores / workers), at least 1."""
+    seed: int = 1
+    """seed of model initialisation, data order and worker randomness."""
+    batch_size: int = 32
+    """sequences per batch (synthetic task)."""
+    seq_len: int = 16
+    """sequence length (synthetic task)."""
+    vocab: int = 16
+    """vocabulary size (synthetic task)."""
+    train_size: int = 4096
+    """training sequences per epoch (synthetic task)."""
+    compute_delay: float = 0.0
+    """mean seconds each synthetic batch also sleeps (uniform 0.5-1.5 times this), emulating
+    accelerator-bound workers: N workers then truly overlap even on a machine with fewer cores
+    than workers (the real-process staleness tests)."""
+
+    # --- optimiser -----------------------------------------------------------------------------
+    lr: float = 2e-3
+    """peak learning rate. The loss is a sum over tokens, so a summed update of G gradients
+    weights every token equally; Adam is invariant to the gradient's scale, so lr need not
+    change with G or batch size (the step size is lr whatever their product)."""
+    schedule: str = "inverse-sqrt"
+    """inverse-sqrt (linear warm-up, then lr * sqrt(warmup / update)) or constant."""
+    warmup: int = 50
+    """warm-up length in server updates."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.98
+    """Adam beta2."""
+    eps: float = 1e-9
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """L2 weight decay (decoupled as AdamW with --decoupled)."""
+    decoupled: bool = False
+    """use decoupled weight decay (AdamW)."""
+    clip_norm: float = 0.0
+    """clip the server's summed gradient to this global norm; 0 = no clipping."""
+
+    # --- stopping, validation, output ------------------------------------------------------------
+    max_updates: int = 500
+    """stop after this many server updates (0 = no limit)."""
+    max_epochs: float = 0.0
+    """stop when a worker finishes this many passes over its shard (0 = no limit)."""
+    max_time: float = 0.0
+    """stop after this many seconds of training (0 = no limit)."""
+    valid_every: int = 100
+    """validate every this many server updates (0 = only at the end)."""
+    patience: int = 0
+    """stop after this many validations without improvement (0 = never; the paper used 5)."""
+    save_every: int = 0
+    """checkpoint every this many server updates (0 = only at the end)."""
+    out: str = ""
+    """run directory; default runs/<timestamp>-<mode>."""
+    resume: str = ""
+    """continue the run in this directory from its last checkpoint."""
+    quiet: bool = False
+    """no progress bar."""
+    timeout: float = 120.0
+    """seconds a process may wait on another (a full ring, a barrier) before the run fails."""
+
+    # --- simulator ----------------------------------------------------------------------------
+    simulate: bool = False
+    """run the N workers as virtual workers in one process: deterministic and fast."""
+    sim_order: str = "round-robin"
+    """arrival order in the simulator: round-robin (ideal async staleness N-1) or normal
+    (compute times drawn from a normal distribution)."""
+    sim_time_std: float = 0.3
+    """with --sim-order normal: the compute time's standard deviation (mean 1)."""
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{_opt(name)}: {msg}")
+
+        need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
+        need(self.workers >= 1, "workers", f"need at least 1 worker, got {self.workers}")
+        need(self.local_accum >= 1, "local_accum", f"must be >= 1, got {self.local_accum}")
+        need(self.pull_every >= 1, "pull_every", f"must be >= 1, got {self.pull_every}")
+        if self.global_accum is not None:
+            need(self.global_accum >= 1, "global_accum", f"must be >= 1, got {self.global_accum}")
+            if self.mode == "sync":
+                need(self.global_accum == self.workers, "global_accum",
+                     f"sync mode sums exactly one gradient per worker (G = N = {self.workers}); "
+                     f"drop --global-accum or set it to {self.workers}")
+        need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
+        need(self.warmup >= 0, "warmup", "must be >= 0")
+        need(0 <= self.beta1 < 1, "beta1", f"must be in [0, 1), got {self.beta1}")
+        need(0 <= self.beta2 < 1, "beta2", f"must be in [0, 1), got {self.beta2}")
+        need(self.eps >= 0, "eps", "must be >= 0")
+        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        need(self.clip_norm >= 0, "clip_norm", "must be >= 0 (0 turns clipping off)")
+        for name in ("max_updates", "valid_every", "patience", "save_every", "threads"):
+            need(getattr(self, name) >= 0, name, "must be >= 0")
+        for name in ("max_epochs", "max_time", "compute_delay"):
+            need(getattr(self, name) >= 0, name, "must be >= 0 (0 = no limit)")
+        need(self.max_updates > 0 or self.max_epochs > 0 or self.max_time > 0, "max_updates",
+             "set at least one of --max-updates, --max-epochs, --max-time so the run ends")
+        need(self.timeout > 0, "timeout", "must be > 0 seconds")
+        need(self.sim_order in SIM_ORDERS, "sim_order", f"must be one of {', '.join(SIM_ORDERS)}")
+        need(self.sim_time_std >= 0, "sim_time_std", "must be >= 0")
+        for name in ("batch_size", "seq_len", "train_size"):
+            need(getattr(self, name) >= 1, name, "must be >= 1")
+        need(self.vocab >= 2, "vocab", "must be >= 2")
+        self.stale_drop()  # validates the policy's syntax
+        self.worker_devices()
+        need(self.server_device == "cpu" or self.server_device.startswith("cuda"), "server_device",
+             f"must be cpu or cuda[:I], got {self.server_device!r}")
+        if self.server_device.startswith("cuda"):
+            _check_cuda_device("server_device", self.server_device)
+        need(self.train_size >= self.workers * self.batch_size, "train_size",
+             f"{self.train_size} sequences cannot give each of {self.workers} workers a batch of "
+             f"{self.batch_size}; raise --train-size or lower --batch-size")
+
+    # --- derived settings --------------------------------------------------------------------
+    @property
+    def G(self) -> int:
+        """Gradients per server update."""
+        if self.mode == "sync":
+            return self.workers
+        return self.global_accum or 1
+
+    def stale_drop(self) -> int | None:
+        """T of drop:T, else None (and raises ConfigError on a malformed policy)."""
+        p = self.stale_policy
+        if p in ("none", "scale"):
+            return None
+        if p.startswith("drop:"):
+            try:
+                t = int(p[5:])
+            except ValueError:
+                t = -1
+            if t >= 0:
+                return t
+        raise ConfigError(f"--stale-policy: must be none, scale or drop:T with an integer T >= 0, got {p!r}")
+
+    def worker_devices(self) -> list[str]:
+        devs = [d.strip() for d in self.devices.split(",") if d.strip()]
+        if not devs:
+            raise ConfigError("--devices: give cpu or a comma list of cuda:I")
+        for d in devs:
+            if d != "cpu" and not d.startswith("cuda"):
+                raise ConfigError(f"--devices: unknown device {d!r}; use cpu or cuda:I")
+            if d.startswith("cuda"):
+                _check_cuda_device("devices", d)
+        return [devs[i % len(devs)] for i in range(self.workers)]
+
+    def worker_threads(self) -> int:
+        return self.threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+    # --- (de)serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        clean = {}
+        for k, v in d.items():
+            key = k.replace("-", "_")
+            if key not in names:
+                raise ConfigError(f"{source}: unknown setting {k!r}; see pyasgd-train --help")
+            clean[key] = v
+        return cls(**clean)
+
+    @classmethod
+    def from_toml(cls, path: str) -> TrainConfig:
+        return cls.from_dict(load_toml(path), source=path)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def load_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config: no such file {path!r}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"--config: {path} is not valid TOML: {e}") from None
+
+
+def _check_cuda_device(option: str, dev: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{_opt(option)}: {dev} asked for but CUDA is not available here; use cpu")
+    idx = int(dev.split(":")[1]) if ":" in dev else 0
+    if idx >= torch.cuda.device_count():
+        raise ConfigError(f"{_opt(option)}: {dev} does not exist ({torch.cuda.device_count()} CUDA devices)")
+
+
+def field_docs(cls=TrainConfig) -> dict[str, str]:
+    """Each field's docstring (the string literal under it), for --help."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs

@@ -1,0 +1,219 @@
+"""The launcher: `pyasgd.train(config)` starts one server and N workers (torch.multiprocessing,
+spawn), watches them, validates on consistent snapshots of the published parameters without
+pausing anyone, and on any ending (done, failure, Ctrl-C) stops every process and removes the
+shared region."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from pyasgd import checkpoint, rundir
+from pyasgd.config import TrainConfig
+from pyasgd.metrics import RunLog
+
+
+class TrainingError(RuntimeError):
+    """A process of the run failed; the message names it and carries its traceback."""
+
+
+def train(config: TrainConfig | dict) -> dict[str, Any]:
+    """Train as `config` says; returns the summary (also written to <run dir>/summary.json)."""
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    run_dir = rundir.prepare(config)
+    if config.simulate:
+        from pyasgd.simulate import simulate
+
+        return simulate(config, run_dir)
+    return Launcher(config, run_dir).run()
+
+
+def validate(task, flat, log: RunLog, run_dir: str, update: int, version: int | None = None) -> None:
+    """Evaluate the parameters in flat.params (a consistent snapshot), log it, and keep the best
+    parameters in best.pt."""
+    model = flat.model
+    model.eval()
+    try:
+        metrics = task.evaluate(model)
+    finally:
+        model.train()
+    if version is not None:
+        metrics["version"] = version
+    if log.on_valid(update, metrics):
+        checkpoint.save_atomic({"params": flat.params.clone(), "update": update}, os.path.join(run_dir, rundir.BEST))
+
+
+class Launcher:
+    def __init__(self, config: TrainConfig, run_dir: str) -> None:
+        self.config = config
+        self.run_dir = run_dir
+
+    def run(self) -> dict[str, Any]:
+        from pyasgd.exchange import SharedRegion, default_slots
+        from pyasgd.flat import FlatModel
+        from pyasgd.server import ServerArgs, server_main
+        from pyasgd.tasks import make_task
+        from pyasgd.worker import WorkerArgs, worker_main
+
+        c = self.config
+        task = make_task(c)
+        flat = FlatModel(task.build_model())
+        log = RunLog(self.run_dir, c, task)
+        ckpt_path = os.path.join(self.run_dir, rundir.CHECKPOINT)
+        resume = checkpoint.load(ckpt_path) if c.resume else None
+        if resume is not None:
+            flat.params.copy_(resume["server"]["params"])
+            log.updates = int(resume["server"]["step"])
+
+        ctx = mp.get_context("spawn")
+        uses_cuda = c.server_device.startswith("cuda") or any(d.startswith("cuda") for d in c.worker_devices())
+        region = SharedRegion.create(flat.n, default_slots(c.workers, c.G), pin=uses_cuda)
+        procs: list = []
+        stop, go = ctx.Event(), ctx.Event()
+        queue = ctx.Queue()
+        stopped_because, failure = "", None
+        start = time.monotonic()
+        pbar = None
+        try:
+            region.publish(flat.params)
+            cursors = ctx.Array("q", 2 * c.workers, lock=False)
+            if resume is not None and resume["cursors"].numel() == 2 * c.workers:
+                cursors[:] = resume["cursors"].tolist()
+            cfg = c.to_dict()
+            procs.append(ctx.Process(target=server_main, name="server", daemon=True, args=(ServerArgs(
+                config=cfg, region=region.name, checkpoint_path=ckpt_path,
+                resume_state=ckpt_path if resume is not None else "", cursors=cursors, stop=stop, queue=queue),)))
+            for i in range(c.workers):
+                procs.append(ctx.Process(target=worker_main, name=f"worker {i}", daemon=True, args=(WorkerArgs(
+                    rank=i, config=cfg, region=region.name, cursors=cursors, stop=stop, queue=queue, go=go),)))
+            for p in procs:
+                p.start()
+            ready = 0
+            if not c.quiet:
+                from tqdm import tqdm
+
+                pbar = tqdm(total=c.max_updates or None, initial=log.updates, unit="upd", file=sys.stderr,
+                            dynamic_ncols=True, desc=f"{c.mode} N={c.workers} G={c.G} k={c.local_accum}")
+            next_valid = (log.updates // c.valid_every + 1) * c.valid_every if c.valid_every else None
+            server_done = False
+            while not stopped_because:
+                for r in _drain(queue, 0.05):
+                    kind = r["kind"]
+                    if kind == "update":
+                        log.on_update(r)
+                        if pbar is not None:
+                            pbar.update(max(0, log.updates - pbar.n))
+                    elif kind == "progress":
+                        log.on_progress(r)
+                    elif kind == "checkpoint":
+                        log.write(r)
+                    elif kind == "error":
+                        failure = f"{r['process']} failed:\n{r['traceback']}"
+                        stopped_because = "failed"
+                    elif kind == "server_done":
+                        server_done = True
+                        stopped_because = stopped_because or r["reason"]
+                    elif kind == "worker_done":
+                        stopped_because = stopped_because or "max_epochs"
+                    elif kind == "ready":
+                        ready += 1
+                        if ready == c.workers:  # everyone has started: the clock starts now
+                            go.set()
+                            start = log.t0 = time.monotonic()
+                if stopped_because:
+                    break
+                if next_valid is not None and log.updates >= next_valid:
+                    validate(task, flat, log, self.run_dir, log.updates, region.pull(flat.params))
+                    next_valid = (log.updates // c.valid_every + 1) * c.valid_every
+                    if log.out_of_patience:
+                        stopped_because = "patience"
+                if not go.is_set() and time.monotonic() - start > c.timeout:
+                    failure = f"the workers did not start within {c.timeout:.0f} s (--timeout)"
+                    stopped_because = "failed"
+                if c.max_time and go.is_set() and time.monotonic() - start >= c.max_time:
+                    stopped_because = "max_time"
+                for p in procs:
+                    if p.exitcode is not None and p.exitcode != 0 and not stopped_because:
+                        failure = f"{p.name} died ({_exit_text(p.exitcode)}) without reporting an error"
+                        stopped_because = "failed"
+                if pbar is not None:
+                    pbar.set_postfix(log.postfix(), refresh=False)
+            self._stop(procs, stop, region, queue, log, server_done)
+            if not failure and (not log.valid or log.valid[-1]["update"] != log.updates):
+                validate(task, flat, log, self.run_dir, log.updates, region.pull(flat.params))
+        except KeyboardInterrupt:
+            stopped_because = "interrupted"
+            self._stop(procs, stop, region, queue, log, False)
+            raise
+        finally:
+            if pbar is not None:
+                pbar.close()
+            for p in procs:  # nothing outlives the run
+                if p.is_alive():
+                    p.kill()
+                p.join(5)
+            region.close()
+            wall = time.monotonic() - start
+            if stopped_because:
+                because = f"failed: {failure.splitlines()[0]}" if failure else stopped_because
+                rundir.write_json(os.path.join(self.run_dir, "summary.json"),
+                                  log.summary(stopped_because=because, wall_s=wall))
+            log.close()
+        if failure:
+            raise TrainingError(failure)
+        return log.summary(stopped_because=stopped_because, wall_s=wall)
+
+    def _stop(self, procs, stop, region, queue, log, server_done: bool) -> None:
+        """Ask the server to finish (it writes the last checkpoint), then release everyone who
+        waits on the region, and drain the queue while the processes exit."""
+        stop.set()
+        deadline = time.monotonic() + 60
+        server = procs[0] if procs else None
+        while server is not None and not server_done and server.is_alive() and time.monotonic() < deadline:
+            for r in _drain(queue, 0.05):
+                if r["kind"] == "update":
+                    log.on_update(r)
+                elif r["kind"] == "progress":
+                    log.on_progress(r)
+                elif r["kind"] == "server_done":
+                    server_done = True
+        region.shutdown()
+        deadline = time.monotonic() + 30
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            for r in _drain(queue, 0.05):
+                if r["kind"] == "progress":
+                    log.on_progress(r)
+        for r in _drain(queue, 0.0):
+            if r["kind"] == "progress":
+                log.on_progress(r)
+
+
+def _drain(queue, timeout: float) -> list[dict]:
+    import queue as queue_mod
+
+    out = []
+    try:
+        out.append(queue.get(timeout=timeout) if timeout > 0 else queue.get_nowait())
+        while True:
+            out.append(queue.get_nowait())
+    except queue_mod.Empty:
+        pass
+    except (EOFError, OSError):
+        pass
+    return out
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
+        import signal
+
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"

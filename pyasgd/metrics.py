@@ -1,0 +1,111 @@
+"""What a run measures and writes: metrics.jsonl (one JSON object per line, each with a "kind"),
+the staleness histogram, words per second, validation with early stopping, and summary.json."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from typing import Any
+
+
+class RunLog:
+    def __init__(self, run_dir: str, config, task) -> None:
+        self.run_dir = run_dir
+        self.config = config
+        self.task = task
+        self._f = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.t0 = time.monotonic()
+        self.staleness: Counter[int] = Counter()
+        self.updates = 0
+        self.tokens = 0
+        self.loss_sum = 0.0
+        self.recent_loss: list[float] = []
+        self.dropped = 0
+        self.valid: list[dict[str, Any]] = []
+        self.best: float | None = None
+        self.best_update = 0
+        self.bad_validations = 0
+        self.workers: dict[int, dict[str, Any]] = {}
+
+    # -- records ------------------------------------------------------------------------------
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+    def on_update(self, r: dict[str, Any]) -> None:
+        self.write(r)
+        self.staleness.update(r["staleness"])
+        self.tokens += r["tokens"]
+        self.dropped += r.get("dropped", 0)
+        if r["applied"]:
+            self.updates = max(self.updates, r["update"])
+        self.recent_loss = (self.recent_loss + [r["loss"]])[-50:]
+
+    def on_progress(self, r: dict[str, Any]) -> None:
+        self.workers[r["worker"]] = r
+        self.write(r)
+
+    def on_valid(self, update: int, metrics: dict[str, float]) -> bool:
+        """Records a validation; returns True when it is the best so far."""
+        rec = {"kind": "valid", "update": update, "time": round(self.elapsed, 3), **metrics}
+        self.write(rec)
+        self.valid.append(rec)
+        score = metrics[self.task.primary]
+        better = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
+        if better:
+            self.best, self.best_update, self.bad_validations = score, update, 0
+        else:
+            self.bad_validations += 1
+        return better
+
+    @property
+    def out_of_patience(self) -> bool:
+        return self.config.patience > 0 and self.bad_validations >= self.config.patience
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    # -- summaries ------------------------------------------------------------------------------
+    def avg_staleness(self) -> float | None:
+        n = sum(self.staleness.values())
+        return None if n == 0 else sum(k * v for k, v in self.staleness.items()) / n
+
+    def postfix(self) -> dict[str, Any]:
+        out = {"wps": f"{self.tokens / max(self.elapsed, 1e-9):.0f}"}
+        if self.recent_loss:
+            out["loss"] = f"{sum(self.recent_loss) / len(self.recent_loss):.3f}"
+        s = self.avg_staleness()
+        if s is not None:
+            out["stale"] = f"{s:.2f}"
+        if self.valid:
+            out[self.task.primary] = f"{self.valid[-1][self.task.primary]:.3f}"
+        return out
+
+    def summary(self, *, stopped_because: str, wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        c = self.config
+        wait = sum(w.get("wait_s", 0.0) for w in self.workers.values())
+        compute = sum(w.get("compute_s", 0.0) for w in self.workers.values())
+        s = {
+            "mode": c.mode, "workers": c.workers, "local_accum": c.local_accum, "global_accum": c.G,
+            "pull_every": c.pull_every, "stale_policy": c.stale_policy, "task": c.task,
+            "simulate": c.simulate, "updates": self.updates, "tokens": self.tokens,
+            "wall_s": round(wall_s, 3), "wps": round(self.tokens / wall_s, 1) if wall_s > 0 else None,
+            "updates_per_s": round(self.updates / wall_s, 3) if wall_s > 0 else None,
+            "avg_staleness": self.avg_staleness(),
+            "staleness_hist": {str(k): v for k, v in sorted(self.staleness.items())},
+            "dropped_gradients": self.dropped,
+            "worker_compute_s": round(compute, 3), "worker_wait_s": round(wait, 3),
+            "best_valid": self.best, "best_valid_update": self.best_update,
+            "primary_metric": self.task.primary,
+            "final_valid": self.valid[-1] if self.valid else None,
+            "best_valid_bleu": self.best if self.task.has_bleu else None,
+            "test_bleu": None,
+            "stopped_because": stopped_because,
+        }
+        if extra:
+            s.update(extra)
+        return s
+
+    def close(self) -> None:
+        self._f.close()

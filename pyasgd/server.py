@@ -1,0 +1,199 @@
+"""The server: master parameters, Adam moments and the learning-rate schedule, and one update
+from G collected gradients (stale policy, clipping, fused sum + Adam). `Updater` is shared by
+the real server process (`server_main`) and the simulator."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from pyasgd.config import TrainConfig
+from pyasgd.optim import fused_adam_step
+from pyasgd.schedule import learning_rate
+
+
+@dataclass
+class UpdateResult:
+    applied: bool
+    lr: float
+    used: int          # gradients summed into the update (after drop:T)
+    dropped: int       # gradients discarded as too stale
+    grad_norm: float | None = None
+
+
+class Updater:
+    def __init__(self, config: TrainConfig, params: torch.Tensor, device: str = "cpu") -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.master = params.detach().to(self.device, dtype=torch.float32, copy=True).contiguous()
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self.step = 0          # applied updates: the schedule's clock
+        self.dropped = 0       # gradients discarded by drop:T
+        self.skipped = 0       # updates skipped for a non-finite gradient
+        self.drop_after = config.stale_drop()
+        self._sum = None       # workspace for clipping
+
+    def lr(self, update: int) -> float:
+        c = self.config
+        return learning_rate(update, lr=c.lr, schedule=c.schedule, warmup=c.warmup)
+
+    def apply(self, grads: list[torch.Tensor], staleness: list[int], out: torch.Tensor | None = None) -> UpdateResult:
+        """One server update from `grads` (which the server owns: scaling happens in place).
+        `out`, when given, receives the new parameters (the region's back buffer)."""
+        c = self.config
+        kept = list(range(len(grads)))
+        if self.drop_after is not None:
+            kept = [i for i in kept if staleness[i] <= self.drop_after]
+        dropped = len(grads) - len(kept)
+        self.dropped += dropped
+        lr = self.lr(self.step + 1)
+        if not kept:
+            return UpdateResult(False, lr, 0, dropped)
+        use = [grads[i] for i in kept]
+        if c.stale_policy == "scale":
+            for i, g in zip(kept, use):
+                if staleness[i] > 1:
+                    g.mul_(1.0 / staleness[i])  # Zhang et al. 2016: weight by 1/staleness
+        norm = None
+        if c.clip_norm > 0:
+            if self._sum is None or self._sum.device != use[0].device:
+                self._sum = torch.empty_like(use[0])
+            self._sum.copy_(use[0])
+            for g in use[1:]:
+                self._sum.add_(g)  # the kernel's order, so clipping changes only the scale
+            norm = float(self._sum.norm())
+            if norm > c.clip_norm:
+                self._sum.mul_(c.clip_norm / (norm + 1e-6))
+            use = [self._sum]
+        if self.master.device.type == "cuda":
+            use = [g if g.device == self.master.device or g.is_pinned() else g.to(self.master.device) for g in use]
+        kernel_out = out if out is not None and out.device == self.master.device else None
+        ok = fused_adam_step(self.master, self.exp_avg, self.exp_avg_sq, use, step=self.step + 1, lr=lr,
+                             beta1=c.beta1, beta2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
+                             decoupled=c.decoupled, out=kernel_out)
+        if ok:
+            self.step += 1
+            if out is not None and kernel_out is None:
+                out.copy_(self.master)  # e.g. a GPU master into the pinned host back buffer
+        else:
+            self.skipped += 1
+        return UpdateResult(ok, lr, len(kept), dropped, norm)
+
+    def state_dict(self) -> dict:
+        return {"params": self.master.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
+                "step": self.step, "dropped": self.dropped, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.master.copy_(state["params"])
+        self.exp_avg.copy_(state["exp_avg"])
+        self.exp_avg_sq.copy_(state["exp_avg_sq"])
+        self.step = int(state["step"])
+        self.dropped = int(state.get("dropped", 0))
+        self.skipped = int(state.get("skipped", 0))
+
+
+def update_record(update: int, version: int, res: UpdateResult, staleness, tokens, loss_sum, workers, t0) -> dict:
+    return {"kind": "update", "update": update, "version": version, "time": round(time.monotonic() - t0, 4),
+            "lr": res.lr, "staleness": list(staleness), "workers": list(workers), "tokens": int(sum(tokens)),
+            "loss": (float(sum(loss_sum)) / max(1, int(sum(tokens)))), "applied": res.applied,
+            "dropped": res.dropped, **({"grad_norm": res.grad_norm} if res.grad_norm is not None else {})}
+
+
+@dataclass
+class ServerArgs:
+    config: dict
+    region: str
+    checkpoint_path: str
+    resume_state: str = ""       # path of a checkpoint to start from
+    cursors: object = None       # mp.Array of 2N int64: each worker's (epoch, index)
+    stop: object = None          # mp.Event
+    queue: object = None         # mp.Queue of records to the launcher
+    extra: dict = field(default_factory=dict)
+
+
+def server_main(args: ServerArgs) -> None:
+    """The server process: collect G gradients, update, publish, until told to stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher coordinates shutdown
+    q = args.queue
+    try:
+        _serve(args)
+    except Exception:
+        q.put({"kind": "error", "process": "server", "traceback": traceback.format_exc()})
+        raise SystemExit(1)
+
+
+def _serve(args: ServerArgs) -> None:
+    from pyasgd.exchange import RegionClosedError, RegionTimeoutError, SharedRegion
+
+    config = TrainConfig.from_dict(args.config)
+    os.environ.setdefault("PYASGD_NUM_THREADS", "1" if config.workers >= (os.cpu_count() or 1) else "2")
+    torch.set_num_threads(1)
+    region = SharedRegion.attach(args.region, pin=config.server_device.startswith("cuda"))
+    q = args.queue
+    try:
+        init = torch.empty(region.n)
+        region.pull(init)
+        up = Updater(config, init, config.server_device)
+        if args.resume_state:
+            from pyasgd import checkpoint
+
+            up.load_state_dict(checkpoint.load(args.resume_state)["server"])
+        G, t0 = config.G, time.monotonic()
+        # Gradients are taken one at a time (so each pusher learns at once that its gradient is in
+        # the accumulation) and summed G at a time by the fused kernel straight from their slots.
+        idle_since = time.monotonic()
+        reason = "stopped"
+
+        def save() -> None:
+            from pyasgd import checkpoint
+
+            cur = list(args.cursors[:]) if args.cursors is not None else []
+            checkpoint.save_atomic({"server": up.state_dict(), "version": region.version,
+                                    "cursors": torch.tensor(cur, dtype=torch.int64),
+                                    "config": args.config.__repr__()}, args.checkpoint_path)
+            q.put({"kind": "checkpoint", "update": up.step, "path": args.checkpoint_path})
+
+        held = []  # gradients taken into the accumulation, one at a time in arrival order
+        while not args.stop.is_set():
+            try:
+                taken = region.collect(1, timeout=0.25)
+            except RegionTimeoutError:
+                if time.monotonic() - idle_since > config.timeout:
+                    raise RuntimeError(f"no gradients from the workers for {config.timeout:.0f} s (--timeout)")
+                continue
+            except RegionClosedError:
+                break
+            idle_since = time.monotonic()
+            held.append(taken)
+            if len(held) < G:
+                region.ack(taken)  # accumulated: its pusher may pull and go on
+                continue
+            batch, held = SharedRegion.merge(held), []
+            holder = {}
+
+            def step(out):
+                holder["res"] = res = up.apply(batch.grads, batch.staleness, out)
+                if not res.applied and config.mode == "sync":
+                    out.copy_(up.master)  # workers wait at the barrier: release them anyway
+                    return True
+                return res.applied
+
+            region.update(batch, step)  # publishes, then releases (acks) every slot in it
+            res = holder["res"]
+            q.put(update_record(up.step, region.version, res, batch.staleness, batch.tokens, batch.losses,
+                                batch.workers, t0))
+            if res.applied and config.save_every and up.step % config.save_every == 0:
+                save()
+            if config.max_updates and up.step >= config.max_updates:
+                reason = "max_updates"
+                break
+        save()
+        q.put({"kind": "server_done", "reason": reason, "update": up.step, "dropped": up.dropped,
+               "skipped": up.skipped})
+    finally:
+        region.close()

@@ -1,0 +1,101 @@
+"""A worker process: its own model replica and data shard; computes gradients on the parameters
+it last pulled, optionally sums k local batches, pushes, and pulls again every U server updates.
+In sync mode it waits after each push until the server has used it (the barrier)."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+
+from pyasgd.config import TrainConfig
+
+
+@dataclass
+class WorkerArgs:
+    rank: int
+    config: dict
+    region: str
+    cursors: object       # mp.Array of 2N int64: (epoch, index) of each worker's next batch
+    stop: object          # mp.Event
+    queue: object         # mp.Queue of records to the launcher
+    go: object = None     # mp.Event: set by the launcher once every worker is ready
+
+
+def worker_main(args: WorkerArgs) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher coordinates shutdown
+    config = TrainConfig.from_dict(args.config)
+    threads = config.worker_threads()
+    os.environ["PYASGD_NUM_THREADS"] = str(threads)  # before the extension's pool starts
+    torch.set_num_threads(threads)
+    try:
+        _work(args, config)
+    except Exception:
+        args.queue.put({"kind": "error", "process": f"worker {args.rank}", "traceback": traceback.format_exc()})
+        raise SystemExit(1)
+
+
+def _work(args: WorkerArgs, config: TrainConfig) -> None:
+    from pyasgd.exchange import RegionClosedError, SharedRegion
+    from pyasgd.flat import FlatModel
+    from pyasgd.tasks import Cursor, make_task
+
+    rank, q = args.rank, args.queue
+    device = torch.device(config.worker_devices()[rank])
+    task = make_task(config)
+    model = task.build_model().to(device)
+    flat = FlatModel(model)
+    region = SharedRegion.attach(args.region, pin=device.type == "cuda")
+    cursor = Cursor(int(args.cursors[2 * rank]), int(args.cursors[2 * rank + 1]))
+    data = task.batches(rank, config.workers, cursor)
+    sync, U, k = config.mode == "sync", config.pull_every, config.local_accum
+    compute_s = wait_s = 0.0
+    pushes, last_report = 0, time.monotonic()
+    try:
+        q.put({"kind": "ready", "worker": rank})
+        while args.go is not None and not args.go.wait(0.5):  # start together: fair timing
+            if args.stop.is_set():
+                return
+        t = time.monotonic()
+        pulled = region.pull(flat.params)  # the version our gradients are computed from
+        round_version = pulled
+        wait_s += time.monotonic() - t
+        while not args.stop.is_set():
+            t = time.monotonic()
+            flat.zero_grad()
+            tokens, loss_sum = 0, 0.0
+            for _ in range(k):
+                batch, cursor = next(data)
+                loss, n = task.loss(model, task.batch_to(batch, device))
+                loss.backward()
+                tokens += n
+                loss_sum += loss.item()
+            t2 = time.monotonic()
+            compute_s += t2 - t
+            region.push(flat.grads, version=pulled, tokens=tokens, worker=rank, loss=loss_sum,
+                        timeout=config.timeout)
+            args.cursors[2 * rank], args.cursors[2 * rank + 1] = cursor.epoch, cursor.index
+            pushes += 1
+            if sync:  # the barrier: our gradient is in the update everyone computes from next
+                round_version = region.wait_version(round_version, timeout=config.timeout)
+            else:  # parameter-server order: push, the server takes it, then pull
+                region.wait_processed(timeout=config.timeout)
+            if region.version - pulled >= U:
+                pulled = region.pull(flat.params)
+            wait_s += time.monotonic() - t2
+            if config.max_epochs and cursor.epoch >= config.max_epochs:
+                q.put({"kind": "worker_done", "worker": rank, "epoch": cursor.epoch})
+                break
+            if time.monotonic() - last_report > 1.0:
+                last_report = time.monotonic()
+                q.put({"kind": "progress", "worker": rank, "epoch": cursor.epoch, "pushes": pushes,
+                       "compute_s": round(compute_s, 3), "wait_s": round(wait_s, 3)})
+    except RegionClosedError:
+        pass  # the launcher is shutting the run down
+    finally:
+        q.put({"kind": "progress", "worker": rank, "epoch": cursor.epoch, "pushes": pushes,
+               "compute_s": round(compute_s, 3), "wait_s": round(wait_s, 3), "final": True})
+        region.close()
