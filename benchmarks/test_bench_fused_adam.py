@@ -2,36 +2,33 @@
 CPU kernel >= 0.85 of an in-place bandwidth pass, >= 1.8x torch's sum + Adam(fused) + copy at G=4).
 
 Effective bytes per element: 4*G gradients read + 24 for param, m, v read and written + 4 for out.
+The three are timed in turn, round after round, and each figure is its fastest round: this VM's
+memory bandwidth drifts by tens of percent over minutes, so only interleaved figures compare.
 Run: python -m pytest benchmarks/test_bench_fused_adam.py --benchmark-only
 """
+import time
+
 import pytest
 import torch
 
 from pyasgd import _ext
 from pyasgd.optim import adam_step_reference, fused_adam_step
-from conftest import best_seconds
 
 P = 25_000_000
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
-RESULTS: dict[str, float] = {}
 
 
 def eff_bytes(G: int) -> int:
     return (4 * G + 24 + 4) * P
 
 
-def make(G: int):
-    gen = torch.Generator().manual_seed(G)
-    p = torch.randn(P, generator=gen)
-    return p, torch.zeros(P), torch.zeros(P), [torch.randn(P, generator=gen) * 1e-3 for _ in range(G)]
-
-
 def validate_kernel(G: int) -> None:
-    """Results first: 2 steps of the kernel equal the reference on a slice-sized copy."""
-    n = 100_003
-    a = [t[:n].clone() for t in make(G)[:3]]
+    """Results first: 2 steps of the kernel equal the reference (threaded tile size)."""
+    n = 1_000_003
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.randn(n, generator=gen), torch.zeros(n), torch.zeros(n)]
     b = [t.clone() for t in a]
-    gs = [torch.randn(n) for _ in range(G)]
+    gs = [torch.randn(n, generator=gen) for _ in range(G)]
     for s in (1, 2):
         assert fused_adam_step(*a, gs, step=s, backend="cpu", **HYPER)
         assert adam_step_reference(*b, gs, step=s, **HYPER)
@@ -39,52 +36,46 @@ def validate_kernel(G: int) -> None:
         assert ((x - y).abs().max() / y.abs().max()).item() < 1e-6
 
 
-def test_ceiling_inplace_pass(benchmark, report):
-    x = torch.randn(P)
-    benchmark.pedantic(lambda: x.mul_(1.0000001), rounds=15, warmup_rounds=2)
-    RESULTS["ceiling"] = 8 * P / best_seconds(benchmark) / 1e9
-    report("ceiling: torch in-place x.mul_ (c)", f"{RESULTS['ceiling']:.1f} GB/s", f"P={P:,}, {torch.get_num_threads()} threads")
-
-
 @pytest.mark.parametrize("G", [1, 4])
-def test_torch_composition(benchmark, report, G):
-    p, _, _, gs = make(G)
-    param = torch.nn.Parameter(p)
-    opt = torch.optim.Adam([param], fused=True, **{"lr": HYPER["lr"]})
-    out = torch.empty(P)
+def test_cpu_kernel_vs_torch_and_ceiling(benchmark, report, G):
+    validate_kernel(G)
+    gen = torch.Generator().manual_seed(G)
+    p = torch.randn(P, generator=gen)
+    m, v, out = torch.zeros(P), torch.zeros(P), torch.empty(P)
+    gs = [torch.randn(P, generator=gen) * 1e-3 for _ in range(G)]
+    x = torch.randn(P)
+    param = torch.nn.Parameter(p.clone())
+    opt = torch.optim.Adam([param], fused=True, lr=HYPER["lr"])
+    step = [0]
 
-    def step():
+    def ours():
+        step[0] += 1
+        assert fused_adam_step(p, m, v, gs, step=step[0], out=out, backend="cpu", **HYPER)
+
+    def torch_composition():  # what a user would write: sum, fused Adam, copy out
         g = gs[0].clone() if G == 1 else torch.add(gs[0], gs[1])
-        for x in gs[2:]:
-            g.add_(x)
+        for y in gs[2:]:
+            g.add_(y)
         param.grad = g
         opt.step()
         out.copy_(param.detach())
 
-    benchmark.pedantic(step, rounds=8, warmup_rounds=1)
-    s = best_seconds(benchmark)
-    RESULTS[f"torch{G}"] = s
-    report(f"G={G} torch sum+Adam(fused)+copy (b)", f"{s * 1e3:.2f} ms", f"{eff_bytes(G) / s / 1e9:.1f} GB/s eff")
+    fns = {"ceiling": lambda: x.mul_(1.0000001), "torch": torch_composition, "ours": ours}
+    best = {k: float("inf") for k in fns}
+    for _ in range(8):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t)
+    benchmark.pedantic(ours, rounds=3, warmup_rounds=0)
 
-
-@pytest.mark.parametrize("G", [1, 4])
-def test_cpu_kernel(benchmark, report, G):
-    validate_kernel(G)
-    p, m, v, gs = make(G)
-    out = torch.empty(P)
-    step = [0]
-
-    def run():
-        step[0] += 1
-        assert fused_adam_step(p, m, v, gs, step=step[0], out=out, backend="cpu", **HYPER)
-
-    benchmark.pedantic(run, rounds=15, warmup_rounds=2)
-    s = best_seconds(benchmark)
-    gbs = eff_bytes(G) / s / 1e9
+    ceiling = 8 * P / best["ceiling"] / 1e9
+    gbs = eff_bytes(G) / best["ours"] / 1e9
     C = _ext.ext()
-    note = f"{C.cpu_simd_level()}, {C.cpu_num_threads()} threads"
-    if "ceiling" in RESULTS:
-        note += f"; (a)/(c) = {gbs / RESULTS['ceiling']:.2f} (target 0.85)"
-    if f"torch{G}" in RESULTS:
-        note += f"; (a) vs (b): {RESULTS[f'torch{G}'] / s:.2f}x faster" + (" (target 1.8)" if G == 4 else "")
-    report(f"G={G} pyasgd CPU kernel (a)", f"{gbs:.1f} GB/s", f"{s * 1e3:.2f} ms; {note}")
+    report(f"G={G} (c) ceiling: torch in-place x.mul_", f"{ceiling:.1f} GB/s", f"{torch.get_num_threads()} threads")
+    report(f"G={G} (b) torch sum + Adam(fused) + copy", f"{best['torch'] * 1e3:.2f} ms",
+           f"{eff_bytes(G) / best['torch'] / 1e9:.1f} GB/s eff")
+    report(f"G={G} (a) pyasgd CPU kernel", f"{gbs:.1f} GB/s",
+           f"{best['ours'] * 1e3:.2f} ms; {C.cpu_simd_level()}, {C.cpu_num_threads()} threads; "
+           f"(a)/(c) = {gbs / ceiling:.2f} (target 0.85); {best['torch'] / best['ours']:.2f}x (b)"
+           + (" (target 1.8)" if G == 4 else ""))

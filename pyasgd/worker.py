@@ -38,6 +38,15 @@ def worker_main(args: WorkerArgs) -> None:
         raise SystemExit(1)
 
 
+def _fault() -> tuple[int, int] | None:
+    """Tests inject a failure with PYASGD_TEST_FAULT=raise:<rank>:<after pushes>."""
+    spec = os.environ.get("PYASGD_TEST_FAULT", "")
+    if spec.startswith("raise:"):
+        _, rank, after = spec.split(":")
+        return int(rank), int(after)
+    return None
+
+
 def _work(args: WorkerArgs, config: TrainConfig) -> None:
     from pyasgd.exchange import RegionClosedError, SharedRegion
     from pyasgd.flat import FlatModel
@@ -50,9 +59,13 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
     flat = FlatModel(model)
     region = SharedRegion.attach(args.region, pin=device.type == "cuda")
     cursor = Cursor(int(args.cursors[2 * rank]), int(args.cursors[2 * rank + 1]))
+    # Worker randomness (dropout, ...) follows the seed, the rank and the data position, so a
+    # resumed run reseeds deterministically (the simulator saves the RNG state itself).
+    torch.manual_seed(config.seed * 1_000_003 + rank * 10_007 + cursor.epoch * 101 + cursor.index)
     data = task.batches(rank, config.workers, cursor)
     sync, U, k = config.mode == "sync", config.pull_every, config.local_accum
     compute_s = wait_s = 0.0
+    fault = _fault()
     pushes, last_report = 0, time.monotonic()
     try:
         q.put({"kind": "ready", "worker": rank})
@@ -79,6 +92,8 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
                         timeout=config.timeout)
             args.cursors[2 * rank], args.cursors[2 * rank + 1] = cursor.epoch, cursor.index
             pushes += 1
+            if fault == (rank, pushes):
+                raise RuntimeError(f"injected fault in worker {rank} after {pushes} pushes (PYASGD_TEST_FAULT)")
             if sync:  # the barrier: our gradient is in the update everyone computes from next
                 round_version = region.wait_version(round_version, timeout=config.timeout)
             else:  # parameter-server order: push, the server takes it, then pull

@@ -1,0 +1,320 @@
+"""The trainer: every method of the paper on the synthetic task, in the deterministic simulator
+and with real processes; checkpoints; failure paths; the CLI as a user runs it."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pyasgd import checkpoint
+from pyasgd.config import ConfigError, TrainConfig
+from pyasgd.launcher import TrainingError, train
+
+# The paper's average staleness for N = 4 (section 4.3 and figure 3).
+PAPER_STALENESS = {
+    "async": (dict(mode="async"), 3.0),
+    "local 4": (dict(mode="async", local_accum=4), 3.0),
+    "local 2 x global 2": (dict(mode="async", local_accum=2, global_accum=2), 1.5),
+    "global 4": (dict(mode="async", global_accum=4), 0.75),
+    "sync": (dict(mode="sync"), 0.0),
+    "sync pull-every 7": (dict(mode="sync", pull_every=7), 3.0),
+    "sync pull-every 5": (dict(mode="sync", pull_every=5), 2.0),
+}
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def records(run_dir, kind):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["kind"] == kind]
+
+
+def cfg(tmp_path, name="run", **kw):
+    base = dict(workers=4, quiet=True, out=str(tmp_path / name), valid_every=0, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+# --- simulator ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(PAPER_STALENESS))
+def test_simulator_staleness_is_exactly_the_papers(tmp_path, case):
+    kw, expected = PAPER_STALENESS[case]
+    skip, window = 20, 420  # 420 covers whole cycles of every pattern (lengths 1, 2, 4, 5, 7)
+    summary = train(cfg(tmp_path, simulate=True, max_updates=skip + window, **kw))
+    ups = records(summary_dir := str(tmp_path / "run"), "update")[skip:]
+    assert len(ups) == window
+    values = [s for r in ups for s in r["staleness"]]
+    assert sum(values) / len(values) == expected
+    assert summary["updates"] == skip + window and summary_dir
+
+
+METHODS = {
+    "sync": dict(mode="sync"),
+    "async": dict(mode="async"),
+    "async G=N": dict(mode="async", global_accum=4),
+    "local 2": dict(mode="async", local_accum=2),
+    "combined": dict(mode="async", local_accum=2, global_accum=2),
+    "pull-every 3": dict(mode="async", pull_every=3),
+    "sync pull-every 3": dict(mode="sync", pull_every=3),
+    "scale": dict(mode="async", stale_policy="scale"),
+    "drop:2": dict(mode="async", stale_policy="drop:2", pull_every=2),
+    "clip + adamw": dict(mode="async", global_accum=2, clip_norm=1.0, weight_decay=0.01, decoupled=True),
+    "normal order": dict(mode="async", global_accum=2, sim_order="normal"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_converges_in_the_simulator(tmp_path, method):
+    summary = train(cfg(tmp_path, simulate=True, max_updates=400, **METHODS[method]))
+    ups = records(str(tmp_path / "run"), "update")
+    first = sum(r["loss"] for r in ups[:10]) / 10
+    last = sum(r["loss"] for r in ups[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    assert summary["final_valid"]["accuracy"] > 0.6
+    if method == "drop:2":
+        assert summary["dropped_gradients"] > 0
+
+
+def test_simulator_is_deterministic_and_resumes_bit_for_bit(tmp_path):
+    kw = dict(simulate=True, mode="async", global_accum=2, local_accum=2, sim_order="normal")
+    train(cfg(tmp_path, "a", max_updates=60, **kw))
+    train(cfg(tmp_path, "b", max_updates=60, **kw))
+    train(cfg(tmp_path, "c", max_updates=30, **kw))
+    train(cfg(tmp_path, "c", max_updates=60, resume=str(tmp_path / "c"), **kw))
+    a, b, c = (checkpoint.load(str(tmp_path / d / "checkpoint.pt"))["server"] for d in "abc")
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(a[key], b[key]), f"{key}: same seed, different result"
+        assert torch.equal(a[key], c[key]), f"{key}: the resumed run differs"
+    assert a["step"] == c["step"] == 60
+
+
+# --- real processes ------------------------------------------------------------------------------
+
+REAL_CASES = ["async", "local 2 x global 2", "global 4", "local 4", "sync", "sync pull-every 7", "sync pull-every 5"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", REAL_CASES)
+def test_real_process_staleness_within_10_percent(tmp_path, case):
+    """Four real worker processes. Compute is emulated by a jittered sleep (compute_delay) so
+    the four genuinely overlap on a 2-core machine, as accelerator-bound workers would."""
+    kw, expected = PAPER_STALENESS[case]
+    k = kw.get("local_accum", 1)
+    summary = train(cfg(tmp_path, max_updates=160 // k, compute_delay=0.01, **kw))
+    assert summary["stopped_because"] == "max_updates"
+    got = summary["avg_staleness"]
+    assert abs(got - expected) <= 0.1 * expected + (0.02 if expected == 0 else 0), (case, got)
+    if kw["mode"] == "sync" and "pull_every" not in kw:
+        assert summary["staleness_hist"] == {"0": 4 * summary["updates"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["sync", "async", "combined"])
+def test_real_processes_converge(tmp_path, method):
+    summary = train(cfg(tmp_path, workers=2, max_updates=300, valid_every=100, **METHODS[method]))
+    ups = records(str(tmp_path / "run"), "update")
+    assert sum(r["loss"] for r in ups[-10:]) < 0.5 * sum(r["loss"] for r in ups[:10])
+    assert summary["best_valid"] > 0.6
+    assert len(records(str(tmp_path / "run"), "valid")) >= 3
+    for key in ("mode", "workers", "local_accum", "global_accum", "pull_every", "updates", "tokens",
+                "wall_s", "wps", "avg_staleness", "staleness_hist", "best_valid_bleu", "test_bleu",
+                "stopped_because"):
+        assert key in summary
+    assert os.path.exists(tmp_path / "run" / "best.pt")
+
+
+@pytest.mark.slow
+def test_sync_matches_single_process_with_summed_batches(tmp_path):
+    from pyasgd.flat import FlatModel
+    from pyasgd.server import Updater
+    from pyasgd.tasks import Cursor, make_task
+
+    c = cfg(tmp_path, workers=3, mode="sync", max_updates=6, lr=1e-2, warmup=2)
+    train(c)
+    got = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))["server"]
+    # the same updates in one process: each step sums worker i's i-th batch for every i
+    task = make_task(c)
+    flat = FlatModel(task.build_model())
+    up = Updater(c, flat.params)
+    data = [task.batches(i, c.workers, Cursor()) for i in range(c.workers)]
+    for _ in range(6):
+        flat.params.copy_(up.master)
+        grads = []
+        for i in range(c.workers):
+            flat.zero_grad()
+            loss, _ = task.loss(flat.model, next(data[i])[0])
+            loss.backward()
+            grads.append(flat.grads.clone())
+        assert up.apply(grads, [0] * c.workers).applied
+    assert got["step"] == 6
+    for key, mine in (("params", up.master), ("exp_avg", up.exp_avg), ("exp_avg_sq", up.exp_avg_sq)):
+        # gradients arrive in any order, so sums differ by fp32 rounding only
+        assert ((got[key] - mine).abs().max() / mine.abs().max()).item() < 1e-5, key
+
+
+@pytest.mark.slow
+def test_real_run_checkpoint_and_resume(tmp_path):
+    train(cfg(tmp_path, workers=2, max_updates=40, save_every=20))
+    first = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))
+    assert first["server"]["step"] == 40
+    summary = train(cfg(tmp_path, workers=2, max_updates=80, resume=str(tmp_path / "run")))
+    assert summary["updates"] == 80
+    second = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))
+    assert second["server"]["step"] == 80
+    assert not torch.equal(first["server"]["params"], second["server"]["params"])
+    assert os.path.exists(tmp_path / "run" / "summary.prev.json")
+
+
+@pytest.mark.slow
+def test_worker_raising_stops_the_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYASGD_TEST_FAULT", "raise:1:5")
+    with pytest.raises(TrainingError, match=r"worker 1 failed(.|\n)*injected fault"):
+        train(cfg(tmp_path, workers=2, max_updates=10_000))
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["stopped_because"].startswith("failed: worker 1 failed")
+    assert os.path.exists(tmp_path / "run" / "checkpoint.pt")  # the master state was sound
+
+
+# --- the CLI, as a user runs it -------------------------------------------------------------------
+
+def cli(*args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "pyasgd.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300, **kw)
+
+
+def children(pid):
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        pytest.skip("pgrep not available")
+    return [int(x) for x in out.split()]
+
+
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie waiting to be reaped is gone too
+        return read_text(f"/proc/{pid}/stat").split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def assert_all_gone(pids, within=10.0):
+    """No process of the run outlives it (multiprocessing's resource tracker exits once its
+    pipe closes, so allow a moment)."""
+    deadline = time.time() + within
+    while time.time() < deadline and not all(gone(k) for k in pids):
+        time.sleep(0.1)
+    left = {k: read_text(f"/proc/{k}/cmdline").replace("\0", " ")[:120] for k in pids if not gone(k)}
+    assert not left, f"processes outlived the run: {left}"
+
+
+def start_cli(tmp_path, *args):
+    p = subprocess.Popen([sys.executable, "-m", "pyasgd.cli", "--workers", "2", "--max-updates", "100000",
+                          "--quiet", "--out", str(tmp_path / "run"), *args],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the run is really training
+        path = tmp_path / "run" / "metrics.jsonl"
+        if path.exists() and '"update"' in path.read_text():
+            break
+        time.sleep(0.2)
+    else:
+        p.kill()
+        pytest.fail("the run never started: " + p.communicate()[1][-2000:])
+    return p, children(p.pid)
+
+
+@pytest.mark.slow
+def test_sigint_stops_cleanly_with_130(tmp_path):
+    p, kids = start_cli(tmp_path)
+    assert len(kids) >= 3  # server + 2 workers (+ multiprocessing's resource tracker)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "interrupted" in err
+    assert_all_gone(kids)
+    assert read_json(tmp_path / "run" / "summary.json")["stopped_because"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_killed_worker_fails_the_run_cleanly(tmp_path):
+    p, kids = start_cli(tmp_path)
+    workers = [k for k in kids if "spawn_main" in read_text(f"/proc/{k}/cmdline")]
+    os.kill(workers[-1], signal.SIGKILL)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1
+    assert "died (killed by SIGKILL)" in err
+    assert_all_gone(kids)
+
+
+def test_cli_runs_a_simulation_and_writes_the_run_directory(tmp_path):
+    r = cli("--simulate", "--workers", "4", "--global-accum", "2", "--max-updates", "50", "--quiet",
+            "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout.strip().splitlines()[-1])
+    assert printed["updates"] == 50 and printed["global_accum"] == 2
+    d = tmp_path / "run"
+    assert {"config.json", "metrics.jsonl", "summary.json", "checkpoint.pt"} <= set(os.listdir(d))
+    again = TrainConfig.from_dict(read_json(d / "config.json"))  # config.json round-trips
+    assert again.global_accum == 2 and again.workers == 4 and again.simulate
+
+
+def test_cli_loads_toml_and_options_override_it(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('mode = "sync"\nworkers = 3\nmax-updates = 7\nlr = 0.01\n')
+    r = cli("--config", str(toml), "--simulate", "--max-updates", "9", "--quiet", "--out", str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    saved = read_json(tmp_path / "run" / "config.json")
+    assert saved["mode"] == "sync" and saved["workers"] == 3 and saved["max_updates"] == 9 and saved["lr"] == 0.01
+
+
+@pytest.mark.parametrize("args,option", [
+    (["--workers", "0"], "--workers"),
+    (["--global-accum", "0"], "--global-accum"),
+    (["--local-accum", "0"], "--local-accum"),
+    (["--pull-every", "0"], "--pull-every"),
+    (["--lr", "0"], "--lr"),
+    (["--mode", "sync", "--workers", "4", "--global-accum", "2"], "--global-accum"),
+    (["--devices", "tpu:0"], "--devices"),
+    (["--devices", "cuda:0"], "--devices"),
+    (["--stale-policy", "drop:x"], "--stale-policy"),
+    (["--mode", "semi"], "--mode"),
+])
+def test_cli_rejects_bad_settings_before_starting(tmp_path, args, option):
+    if option == "--devices" and "cuda:0" in args and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = cli(*args, "--out", str(tmp_path / "run"))
+    assert r.returncode == 2
+    assert option in r.stderr and "error" in r.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started or written
+
+
+def test_cli_refuses_an_out_directory_holding_another_run(tmp_path):
+    assert cli("--simulate", "--max-updates", "5", "--quiet", "--out", str(tmp_path / "run")).returncode == 0
+    before = read_text(tmp_path / "run" / "summary.json")
+    r = cli("--simulate", "--max-updates", "5", "--quiet", "--out", str(tmp_path / "run"))
+    assert r.returncode == 2 and "--resume" in r.stderr and "already holds a run" in r.stderr
+    assert read_text(tmp_path / "run" / "summary.json") == before
+
+
+def test_config_errors_name_the_option():
+    with pytest.raises(ConfigError, match="--max-updates"):
+        TrainConfig(max_updates=0)
+    with pytest.raises(ConfigError, match="unknown setting 'batchsize'"):
+        TrainConfig.from_dict({"batchsize": 3})
