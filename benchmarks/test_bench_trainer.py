@@ -10,7 +10,7 @@ from pyasgd.launcher import train
 SECONDS = 8.0
 METHODS = {
     "sync": dict(mode="sync"),
-    "async": dict(mode="async"),
+    "async": dict(mode="async", global_accum=1),
     "async G=N": dict(mode="async", global_accum="N"),
     "combined k=2 G=2": dict(mode="async", local_accum=2, global_accum=2),
 }
@@ -23,7 +23,7 @@ def test_words_per_second(benchmark, report, tmp_path, workers, method):
     kw = dict(METHODS[method])
     if kw.get("global_accum") == "N":
         kw["global_accum"] = workers
-    config = TrainConfig(workers=workers, batch_size=256, train_size=65536, max_updates=0,
+    config = TrainConfig(task="synthetic", lr=2e-3, warmup=50, workers=workers, batch_size=256, train_size=65536, max_updates=0,
                          max_time=SECONDS, valid_every=0, quiet=True, out=str(tmp_path / "run"), **kw)
     summary = benchmark.pedantic(train, args=(config,), rounds=1, iterations=1)
     # validate first: it trained, and for the time asked

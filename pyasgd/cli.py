@@ -38,10 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         opt = "--" + f.name.replace("_", "-")
         help_ = f"{docs.get(f.name, '')} (default: {f.default})"
         typ = hints[f.name]
-        if typ is bool:
+        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
+        if base is bool:
             p.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
             continue
-        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
         p.add_argument(opt, dest=f.name, type=base, default=None, metavar=f.name.upper(), help=help_)
     return p
 

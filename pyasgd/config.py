@@ -40,7 +40,8 @@ class TrainConfig:
     workers: int = 2
     """N, the number of worker processes (or virtual workers with --simulate)."""
     global_accum: int | None = None
-    """G, gradients summed by the server per update (async default 1; sync always N)."""
+    """G, gradients summed by the server per update. Default: N, the paper's recommendation
+    (asynchronous with global accumulation); 1 is plain asynchronous SGD; sync is always N."""
     local_accum: int = 1
     """k, batches a worker sums before it pushes one gradient."""
     pull_every: int = 1
@@ -50,8 +51,9 @@ class TrainConfig:
     staler than T)."""
 
     # --- task and devices ----------------------------------------------------------------------
-    task: str = "synthetic"
-    """what to train: synthetic (a small sequence task for tests and quick runs)."""
+    task: str = "translation"
+    """what to train: translation (the bundled corpus or --train-src/...) or synthetic (a small
+    sequence task for tests and quick runs)."""
     devices: str = "cpu"
     """worker devices: cpu, or a comma list such as cuda:0,cuda:1 (assigned round-robin)."""
     server_device: str = "cpu"
@@ -73,14 +75,54 @@ class TrainConfig:
     accelerator-bound workers: N workers then truly overlap even on a machine with fewer cores
     than workers (the real-process staleness tests)."""
 
+    # --- translation: corpus, subwords, batches, model, search --------------------------------------
+    train_src: str = ""
+    """training source text (UTF-8, one sentence per line); default: the bundled English-German Bible."""
+    train_tgt: str = ""
+    """training target text, line-parallel to --train-src."""
+    dev_src: str = ""
+    """dev source text (validation BLEU)."""
+    dev_tgt: str = ""
+    """dev target text (references)."""
+    test_src: str = ""
+    """test source text (BLEU at the end); optional."""
+    test_tgt: str = ""
+    """test target text (references)."""
+    vocab_size: int = 2000
+    """joint sentencepiece vocabulary size."""
+    max_len: int = 40
+    """training pairs with a side longer than this many subwords are skipped."""
+    batch_tokens: int = 2500
+    """tokens per batch (padded source or target, whichever is longer): memory-sized batches."""
+    preset: str = "tiny"
+    """model preset: tiny (CPU), base (the paper's 6+6 Transformer, GPUs), rnn-tiny, rnn-base."""
+    dropout: float | None = None
+    """dropout (default: the preset's)."""
+    rnn_cell: str = "gru"
+    """gru or lstm, for the rnn presets."""
+    positions: str = ""
+    """transformer positions: sinusoidal or learned (default: the preset's)."""
+    prenorm: bool | None = None
+    """transformer layer norm before (pre-norm) or after (post-norm) each sublayer (default: the preset's)."""
+    label_smoothing: float = 0.1
+    """label smoothing of the training loss."""
+    beam: int = 1
+    """beam size for validation and test decoding (1 = greedy)."""
+    length_penalty: float = 0.6
+    """GNMT length penalty exponent for beam search."""
+    valid_sentences: int = 0
+    """decode only the first this many dev sentences at each validation (0 = all)."""
+    bleu_targets: str = ""
+    """comma list of dev BLEU scores whose first wall time and update are reported (e.g. 10,15,20)."""
+
     # --- optimiser -----------------------------------------------------------------------------
-    lr: float = 2e-3
+    lr: float = 3e-3
     """peak learning rate. The loss is a sum over tokens, so a summed update of G gradients
     weights every token equally; Adam is invariant to the gradient's scale, so lr need not
     change with G or batch size (the step size is lr whatever their product)."""
     schedule: str = "inverse-sqrt"
     """inverse-sqrt (linear warm-up, then lr * sqrt(warmup / update)) or constant."""
-    warmup: int = 50
+    warmup: int = 300
     """warm-up length in server updates."""
     beta1: float = 0.9
     """Adam beta1."""
@@ -96,13 +138,14 @@ class TrainConfig:
     """clip the server's summed gradient to this global norm; 0 = no clipping."""
 
     # --- stopping, validation, output ------------------------------------------------------------
-    max_updates: int = 500
+    max_updates: int = 0
     """stop after this many server updates (0 = no limit)."""
     max_epochs: float = 0.0
     """stop when a worker finishes this many passes over its shard (0 = no limit)."""
-    max_time: float = 0.0
-    """stop after this many seconds of training (0 = no limit)."""
-    valid_every: int = 100
+    max_time: float = 480.0
+    """stop after this many seconds of training (0 = no limit); the default job trains for 8
+    minutes, then validates and decodes the test set, within 10 minutes on 2 cores."""
+    valid_every: int = 200
     """validate every this many server updates (0 = only at the end)."""
     patience: int = 0
     """stop after this many validations without improvement (0 = never; the paper used 5)."""
@@ -167,7 +210,21 @@ class TrainConfig:
              f"must be cpu or cuda[:I], got {self.server_device!r}")
         if self.server_device.startswith("cuda"):
             _check_cuda_device("server_device", self.server_device)
-        need(self.train_size >= self.workers * self.batch_size, "train_size",
+        need(self.task in ("translation", "synthetic"), "task", f"must be translation or synthetic, got {self.task!r}")
+        need(self.vocab_size >= 8, "vocab_size", "must be >= 8")
+        need(self.max_len >= 1, "max_len", "must be >= 1")
+        need(self.batch_tokens >= self.max_len + 1, "batch_tokens", f"must hold at least one sentence (>= {self.max_len + 1})")
+        need(self.beam >= 1, "beam", "must be >= 1")
+        need(0 <= self.label_smoothing < 1, "label_smoothing", "must be in [0, 1)")
+        need(self.dropout is None or 0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        need(self.rnn_cell in ("gru", "lstm"), "rnn_cell", "must be gru or lstm")
+        need(self.positions in ("", "sinusoidal", "learned"), "positions", "must be sinusoidal or learned")
+        need(self.valid_sentences >= 0, "valid_sentences", "must be >= 0")
+        from pyasgd.models import PRESETS
+
+        need(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}")
+        self.targets()
+        need(self.task != "synthetic" or self.train_size >= self.workers * self.batch_size, "train_size",
              f"{self.train_size} sequences cannot give each of {self.workers} workers a batch of "
              f"{self.batch_size}; raise --train-size or lower --batch-size")
 
@@ -177,7 +234,7 @@ class TrainConfig:
         """Gradients per server update."""
         if self.mode == "sync":
             return self.workers
-        return self.global_accum or 1
+        return self.global_accum or self.workers
 
     def stale_drop(self) -> int | None:
         """T of drop:T, else None (and raises ConfigError on a malformed policy)."""
@@ -192,6 +249,12 @@ class TrainConfig:
             if t >= 0:
                 return t
         raise ConfigError(f"--stale-policy: must be none, scale or drop:T with an integer T >= 0, got {p!r}")
+
+    def targets(self) -> list[float]:
+        try:
+            return [float(x) for x in self.bleu_targets.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--bleu-targets: give a comma list of numbers, got {self.bleu_targets!r}") from None
 
     def worker_devices(self) -> list[str]:
         devs = [d.strip() for d in self.devices.split(",") if d.strip()]

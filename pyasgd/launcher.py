@@ -23,14 +23,40 @@ class TrainingError(RuntimeError):
 
 def train(config: TrainConfig | dict) -> dict[str, Any]:
     """Train as `config` says; returns the summary (also written to <run dir>/summary.json)."""
+    from pyasgd.tasks import make_task
+
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
+    task = make_task(config)  # reads and checks the data before anything is created
     run_dir = rundir.prepare(config)
     if config.simulate:
         from pyasgd.simulate import simulate
 
-        return simulate(config, run_dir)
-    return Launcher(config, run_dir).run()
+        return simulate(config, run_dir, task)
+    return Launcher(config, run_dir, task).run()
+
+
+def start_run(task, run_dir: str, quiet: bool) -> None:
+    """Say what is being trained, and keep what the run directory needs to stand alone."""
+    import shutil
+
+    line = task.describe()
+    if line and not quiet:
+        print(f"pyasgd: {line}", file=sys.stderr)
+    for name, path in task.artifacts().items():
+        shutil.copyfile(path, os.path.join(run_dir, name))
+
+
+def final_test(task, flat, run_dir: str) -> dict[str, Any]:
+    """Test metrics of the best validated parameters (else the last ones)."""
+    best = os.path.join(run_dir, rundir.BEST)
+    if os.path.exists(best):
+        flat.params.copy_(checkpoint.load(best)["params"])
+    out = task.final_test(flat.model)
+    if "bleu_signature" in out:
+        with open(os.path.join(run_dir, "sacrebleu.txt"), "w", encoding="utf-8") as f:
+            f.write(f"{out['bleu_signature']}\n{out['chrf_signature']}\n")
+    return out
 
 
 def validate(task, flat, log: RunLog, run_dir: str, update: int, version: int | None = None) -> None:
@@ -49,22 +75,26 @@ def validate(task, flat, log: RunLog, run_dir: str, update: int, version: int | 
 
 
 class Launcher:
-    def __init__(self, config: TrainConfig, run_dir: str) -> None:
+    def __init__(self, config: TrainConfig, run_dir: str, task) -> None:
         self.config = config
         self.run_dir = run_dir
+        self.task = task
 
     def run(self) -> dict[str, Any]:
         from pyasgd.exchange import SharedRegion, default_slots
         from pyasgd.flat import FlatModel
         from pyasgd.server import ServerArgs, server_main
-        from pyasgd.tasks import make_task
         from pyasgd.worker import WorkerArgs, worker_main
 
         c = self.config
-        task = make_task(c)
+        task = self.task
         flat = FlatModel(task.build_model())
         log = RunLog(self.run_dir, c, task)
+        start_run(task, self.run_dir, c.quiet)
         ckpt_path = os.path.join(self.run_dir, rundir.CHECKPOINT)
+        # The workers own the cores: the launcher validates on one thread, so it does not fight
+        # them (torch's idle OpenMP threads spin, which starves the workers on small machines).
+        torch.set_num_threads(1)
         resume = checkpoint.load(ckpt_path) if c.resume else None
         if resume is not None:
             flat.params.copy_(resume["server"]["params"])
@@ -76,7 +106,7 @@ class Launcher:
         procs: list = []
         stop, go = ctx.Event(), ctx.Event()
         queue = ctx.Queue()
-        stopped_because, failure = "", None
+        stopped_because, failure, extra = "", None, {}
         start = time.monotonic()
         pbar = None
         try:
@@ -146,6 +176,9 @@ class Launcher:
             self._stop(procs, stop, region, queue, log, server_done)
             if not failure and (not log.valid or log.valid[-1]["update"] != log.updates):
                 validate(task, flat, log, self.run_dir, log.updates, region.pull(flat.params))
+            if not failure:
+                torch.set_num_threads(os.cpu_count() or 1)  # the workers are gone: all cores
+                extra = final_test(task, flat, self.run_dir)
         except KeyboardInterrupt:
             stopped_because = "interrupted"
             self._stop(procs, stop, region, queue, log, False)
@@ -162,11 +195,11 @@ class Launcher:
             if stopped_because:
                 because = f"failed: {failure.splitlines()[0]}" if failure else stopped_because
                 rundir.write_json(os.path.join(self.run_dir, "summary.json"),
-                                  log.summary(stopped_because=because, wall_s=wall))
+                                  log.summary(stopped_because=because, wall_s=wall, extra=extra))
             log.close()
         if failure:
             raise TrainingError(failure)
-        return log.summary(stopped_because=stopped_because, wall_s=wall)
+        return log.summary(stopped_because=stopped_because, wall_s=wall, extra=extra)
 
     def _stop(self, procs, stop, region, queue, log, server_done: bool) -> None:
         """Ask the server to finish (it writes the last checkpoint), then release everyone who

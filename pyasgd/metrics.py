@@ -27,6 +27,7 @@ class RunLog:
         self.best_update = 0
         self.bad_validations = 0
         self.workers: dict[int, dict[str, Any]] = {}
+        self.targets = {t: None for t in config.targets()}  # first (wall_s, update) reaching each
 
     # -- records ------------------------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
@@ -51,6 +52,9 @@ class RunLog:
         self.write(rec)
         self.valid.append(rec)
         score = metrics[self.task.primary]
+        for t, hit in self.targets.items():
+            if hit is None and score >= t:
+                self.targets[t] = {"wall_s": rec["time"], "update": update}
         better = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
         if better:
             self.best, self.best_update, self.bad_validations = score, update, 0
@@ -101,6 +105,8 @@ class RunLog:
             "final_valid": self.valid[-1] if self.valid else None,
             "best_valid_bleu": self.best if self.task.has_bleu else None,
             "test_bleu": None,
+            "time_to_bleu" if self.task.has_bleu else "time_to_target":
+                {f"{t:g}": hit for t, hit in self.targets.items()},
             "stopped_because": stopped_because,
         }
         if extra:

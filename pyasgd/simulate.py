@@ -33,16 +33,17 @@ class VirtualWorker:
     next_time: float = 0.0
 
 
-def simulate(config: TrainConfig, run_dir: str) -> dict[str, Any]:
-    from pyasgd.launcher import validate  # shared with the real launcher
+def simulate(config: TrainConfig, run_dir: str, task=None) -> dict[str, Any]:
+    from pyasgd.launcher import final_test, start_run, validate  # shared with the real launcher
 
     c = config
     N, G, k, U = c.workers, c.G, c.local_accum, c.pull_every
     sync = c.mode == "sync"
     torch.manual_seed(c.seed)
-    task = make_task(c)
+    task = task or make_task(c)
     flat = FlatModel(task.build_model())
     log = RunLog(run_dir, c, task)
+    start_run(task, run_dir, c.quiet)
     up = Updater(c, flat.params)
     published = up.master.clone()
     version = 0
@@ -150,7 +151,8 @@ def simulate(config: TrainConfig, run_dir: str) -> dict[str, Any]:
     if not log.valid or log.valid[-1]["update"] != up.step:
         flat.params.copy_(published)
         validate(task, flat, log, run_dir, up.step, version)
-    summary = log.summary(stopped_because=stopped_because, wall_s=time.monotonic() - start)
+    wall = time.monotonic() - start
+    summary = log.summary(stopped_because=stopped_because, wall_s=wall, extra=final_test(task, flat, run_dir))
     rundir.write_json(os.path.join(run_dir, "summary.json"), summary)
     log.close()
     return summary

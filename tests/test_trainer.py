@@ -16,8 +16,8 @@ from pyasgd.launcher import TrainingError, train
 
 # The paper's average staleness for N = 4 (section 4.3 and figure 3).
 PAPER_STALENESS = {
-    "async": (dict(mode="async"), 3.0),
-    "local 4": (dict(mode="async", local_accum=4), 3.0),
+    "async": (dict(mode="async", global_accum=1), 3.0),
+    "local 4": (dict(mode="async", local_accum=4, global_accum=1), 3.0),
     "local 2 x global 2": (dict(mode="async", local_accum=2, global_accum=2), 1.5),
     "global 4": (dict(mode="async", global_accum=4), 0.75),
     "sync": (dict(mode="sync"), 0.0),
@@ -42,7 +42,8 @@ def records(run_dir, kind):
 
 
 def cfg(tmp_path, name="run", **kw):
-    base = dict(workers=4, quiet=True, out=str(tmp_path / name), valid_every=0, threads=1)
+    base = dict(task="synthetic", workers=4, quiet=True, out=str(tmp_path / name), valid_every=0, threads=1,
+                lr=2e-3, warmup=50, max_updates=500)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -63,14 +64,14 @@ def test_simulator_staleness_is_exactly_the_papers(tmp_path, case):
 
 METHODS = {
     "sync": dict(mode="sync"),
-    "async": dict(mode="async"),
+    "async": dict(mode="async", global_accum=1),
     "async G=N": dict(mode="async", global_accum=4),
-    "local 2": dict(mode="async", local_accum=2),
+    "local 2": dict(mode="async", local_accum=2, global_accum=1),
     "combined": dict(mode="async", local_accum=2, global_accum=2),
-    "pull-every 3": dict(mode="async", pull_every=3),
+    "pull-every 3": dict(mode="async", pull_every=3, global_accum=1),
     "sync pull-every 3": dict(mode="sync", pull_every=3),
-    "scale": dict(mode="async", stale_policy="scale"),
-    "drop:2": dict(mode="async", stale_policy="drop:2", pull_every=2),
+    "scale": dict(mode="async", stale_policy="scale", global_accum=1),
+    "drop:2": dict(mode="async", stale_policy="drop:2", pull_every=2, global_accum=1),
     "clip + adamw": dict(mode="async", global_accum=2, clip_norm=1.0, weight_decay=0.01, decoupled=True),
     "normal order": dict(mode="async", global_accum=2, sim_order="normal"),
 }
@@ -191,7 +192,7 @@ def test_worker_raising_stops_the_run(tmp_path, monkeypatch):
 # --- the CLI, as a user runs it -------------------------------------------------------------------
 
 def cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "pyasgd.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "pyasgd.cli", "--task", "synthetic", "--lr", "2e-3", "--warmup", "50", *args], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300, **kw)
 
 
@@ -225,7 +226,8 @@ def assert_all_gone(pids, within=10.0):
 
 
 def start_cli(tmp_path, *args):
-    p = subprocess.Popen([sys.executable, "-m", "pyasgd.cli", "--workers", "2", "--max-updates", "100000",
+    p = subprocess.Popen([sys.executable, "-m", "pyasgd.cli", "--task", "synthetic", "--workers", "2", "--max-time", "0",
+                          "--max-updates", "100000",
                           "--quiet", "--out", str(tmp_path / "run"), *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -277,11 +279,11 @@ def test_cli_runs_a_simulation_and_writes_the_run_directory(tmp_path):
 
 def test_cli_loads_toml_and_options_override_it(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('mode = "sync"\nworkers = 3\nmax-updates = 7\nlr = 0.01\n')
+    toml.write_text('mode = "sync"\nworkers = 3\nmax-updates = 7\nbeta2 = 0.99\n')
     r = cli("--config", str(toml), "--simulate", "--max-updates", "9", "--quiet", "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     saved = read_json(tmp_path / "run" / "config.json")
-    assert saved["mode"] == "sync" and saved["workers"] == 3 and saved["max_updates"] == 9 and saved["lr"] == 0.01
+    assert saved["mode"] == "sync" and saved["workers"] == 3 and saved["max_updates"] == 9 and saved["beta2"] == 0.99
 
 
 @pytest.mark.parametrize("args,option", [
@@ -315,6 +317,6 @@ def test_cli_refuses_an_out_directory_holding_another_run(tmp_path):
 
 def test_config_errors_name_the_option():
     with pytest.raises(ConfigError, match="--max-updates"):
-        TrainConfig(max_updates=0)
+        TrainConfig(max_updates=0, max_time=0)
     with pytest.raises(ConfigError, match="unknown setting 'batchsize'"):
         TrainConfig.from_dict({"batchsize": 3})

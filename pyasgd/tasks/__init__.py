@@ -46,14 +46,27 @@ class Task:
         """Validation metrics; must include `primary`."""
         raise NotImplementedError
 
+    def final_test(self, model: torch.nn.Module) -> dict[str, Any]:
+        """Metrics on the test set at the end of training (empty when the task has none)."""
+        return {}
+
+    def describe(self) -> str:
+        """One line on the data, printed when a run starts."""
+        return ""
+
+    def artifacts(self) -> dict[str, str]:
+        """Files a run directory should keep a copy of (name -> path), e.g. the subword model."""
+        return {}
+
     def batch_to(self, batch: Any, device: torch.device) -> Any:
         return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
 def make_task(config: TrainConfig) -> Task:
     from pyasgd.tasks.synthetic import SyntheticTask
+    from pyasgd.tasks.translation import TranslationTask
 
-    tasks = {"synthetic": SyntheticTask}
+    tasks = {"synthetic": SyntheticTask, "translation": TranslationTask}
     try:
         return tasks[config.task](config)
     except KeyError:

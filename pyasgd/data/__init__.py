@@ -1,0 +1,1 @@
+"""Parallel corpora: the bundled Bible corpus, user text files, subwords and token batches."""

@@ -1,0 +1,124 @@
+"""Machine translation as a Task: a parallel corpus in joint subwords, token-count batches, a
+Transformer or RNN, label-smoothed loss summed over target tokens, BLEU and chrF with sacrebleu."""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pyasgd.data import corpus as corpus_mod
+from pyasgd.data.batching import worker_batches
+from pyasgd.data.subword import PAD, train_or_load
+from pyasgd.models import build, model_config
+from pyasgd.models.search import beam_search, greedy
+from pyasgd.tasks import Cursor, Task
+
+
+@torch.no_grad()
+def translate(model: nn.Module, subwords, sentences: list[str], beam: int = 1, alpha: float = 0.6,
+              batch_size: int = 64) -> list[str]:
+    """Detokenized translations of `sentences`, decoding length-sorted batches."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        ids = subwords.encode(sentences)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out: list[list[int]] = [[] for _ in ids]
+        for b in range(0, len(order), batch_size):
+            chunk = order[b:b + batch_size]
+            S = max(1, max(len(ids[i]) for i in chunk))
+            src = torch.full((len(chunk), S), PAD, dtype=torch.long)
+            for r, i in enumerate(chunk):
+                src[r, :len(ids[i])] = torch.tensor(ids[i], dtype=torch.long)
+            src = src.to(device)
+            limit = int(1.5 * S) + 10
+            hyps = greedy(model, src, limit) if beam == 1 else beam_search(model, src, beam, limit, alpha)
+            for r, i in enumerate(chunk):
+                out[i] = hyps[r]
+        return subwords.decode(out)
+    finally:
+        model.train(was)
+
+
+class TranslationTask(Task):
+    primary = "bleu"
+    higher_is_better = True
+    has_bleu = True
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        c = config
+        corpus = corpus_mod.load(c)
+        self.corpus = corpus
+        self.subwords = train_or_load(corpus.train, c.vocab_size)
+        src = self.subwords.encode([s for s, _ in corpus.train])
+        tgt = self.subwords.encode([t for _, t in corpus.train])
+        keep = [i for i in range(len(src)) if 0 < len(src[i]) <= c.max_len and 0 < len(tgt[i]) <= c.max_len]
+        self.skipped_long = len(src) - len(keep)
+        if not keep:
+            raise corpus_mod.CorpusError(f"no training pair fits --max-len {c.max_len} subwords; raise --max-len")
+        self.train_src = [src[i] for i in keep]
+        self.train_tgt = [tgt[i] for i in keep]
+        self.model_cfg = model_config(c.preset, dropout=c.dropout, rnn_cell=c.rnn_cell,
+                                      positions=c.positions or None, prenorm=c.prenorm)
+
+    def describe(self) -> str:
+        c = self.corpus
+        return (f"corpus {c.name}: {len(self.train_src)} training pairs ({self.skipped_long} longer than "
+                f"--max-len {self.config.max_len} and {c.skipped_empty} with an empty side skipped), "
+                f"dev {len(c.dev)}, test {len(c.test)}; vocabulary {self.subwords.vocab_size}; "
+                f"model {self.config.preset}")
+
+    def artifacts(self) -> dict[str, str]:
+        return {"spm.model": self.subwords.path}
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.config.seed)
+        return build(self.model_cfg, self.subwords.vocab_size)
+
+    def batches(self, worker: int, workers: int, cursor: Cursor) -> Iterator[tuple[Any, Cursor]]:
+        c = self.config
+        for batch, epoch, index in worker_batches(self.train_src, self.train_tgt, c.batch_tokens, c.seed,
+                                                  worker, workers, cursor.epoch, cursor.index):
+            yield batch, Cursor(epoch, index)
+
+    def batch_to(self, batch, device):
+        return batch.to(device)
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
+        logits = model(batch.src, batch.tgt_in)
+        loss = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD,
+                               reduction="sum", label_smoothing=self.config.label_smoothing)
+        return loss, batch.tokens
+
+    def translate(self, model: nn.Module, sentences: list[str]) -> list[str]:
+        return translate(model, self.subwords, sentences, self.config.beam, self.config.length_penalty)
+
+    def _score(self, model, pairs, signatures: bool = False) -> dict[str, Any]:
+        from sacrebleu.metrics import BLEU, CHRF
+
+        hyps = self.translate(model, [s for s, _ in pairs])
+        refs = [[t for _, t in pairs]]
+        bleu, chrf = BLEU(), CHRF()  # corpus-level, on detokenized text, sacrebleu's defaults
+        out: dict[str, Any] = {"bleu": round(bleu.corpus_score(hyps, refs).score, 3),
+                               "chrf": round(chrf.corpus_score(hyps, refs).score, 3)}
+        if signatures:
+            out.update(bleu_signature=str(bleu.get_signature()), chrf_signature=str(chrf.get_signature()))
+        return out
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        dev = self.corpus.dev
+        if self.config.valid_sentences:
+            dev = dev[:self.config.valid_sentences]
+        return self._score(model, dev)
+
+    def final_test(self, model: nn.Module) -> dict[str, Any]:
+        pairs = self.corpus.test or self.corpus.dev  # the signature needs a scored corpus
+        scores = self._score(model, pairs, signatures=True)
+        out = {k: scores[k] for k in ("bleu_signature", "chrf_signature")}
+        if self.corpus.test:
+            out.update(test_bleu=scores["bleu"], test_chrf=scores["chrf"])
+        return out

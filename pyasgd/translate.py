@@ -1,0 +1,79 @@
+"""`pyasgd-translate`: translate text with a trained run.
+
+    pyasgd-translate --checkpoint runs/20261126-081500-async < input.en > output.de
+    pyasgd-translate --checkpoint DIR --input input.en --beam 5
+
+Reads the run's config.json, its subword model (spm.model) and its best validated parameters
+(best.pt; --last takes the last checkpoint instead).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+
+def load_translator(run_dir: str, last: bool = False):
+    from pyasgd import checkpoint
+    from pyasgd.config import TrainConfig
+    from pyasgd.data.subword import Subwords
+    from pyasgd.flat import FlatModel
+    from pyasgd.models import build, model_config
+
+    for name in ("config.json", "spm.model"):
+        if not os.path.isfile(os.path.join(run_dir, name)):
+            raise FileNotFoundError(f"{run_dir} is not a translation run directory (no {name})")
+    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
+        config = TrainConfig.from_dict(json.load(f))
+    subwords = Subwords(os.path.join(run_dir, "spm.model"))
+    model = build(model_config(config.preset, dropout=config.dropout, rnn_cell=config.rnn_cell,
+                               positions=config.positions or None, prenorm=config.prenorm), subwords.vocab_size)
+    flat = FlatModel(model)
+    best = os.path.join(run_dir, "best.pt")
+    if last or not os.path.exists(best):
+        flat.params.copy_(checkpoint.load(os.path.join(run_dir, "checkpoint.pt"))["server"]["params"])
+    else:
+        flat.params.copy_(checkpoint.load(best)["params"])
+    return config, subwords, model
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pyasgd-translate", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory of pyasgd-train")
+    p.add_argument("--input", help="a file of sentences, one per line (default: standard input)")
+    p.add_argument("--beam", type=int, help="beam size (default: the run's --beam)")
+    p.add_argument("--last", action="store_true", help="use the last checkpoint, not the best validated one")
+    args = p.parse_args(argv)
+    from pyasgd.tasks.translation import translate
+
+    try:
+        config, subwords, model = load_translator(args.checkpoint, args.last)
+        if args.input:
+            from pyasgd.data.corpus import read_lines
+
+            lines = read_lines(args.input)
+        else:
+            lines = sys.stdin.read().splitlines()
+    except (OSError, ValueError) as e:
+        print(f"pyasgd-translate: error: {e}", file=sys.stderr)
+        return 2
+    beam = args.beam or config.beam
+    if beam < 1:
+        print("pyasgd-translate: error: --beam must be >= 1", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    keep = [i for i, line in enumerate(lines) if line.strip()]
+    hyps = translate(model, subwords, [lines[i].strip() for i in keep], beam, config.length_penalty)
+    out = [""] * len(lines)  # empty input lines stay empty: output stays line-parallel
+    for i, h in zip(keep, hyps):
+        out[i] = h
+    sys.stdout.write("".join(line + "\n" for line in out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
