@@ -97,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
         print("pyasgd-train: terminated; all processes stopped, shared memory removed", file=sys.stderr)
         return 143
     keys = ("mode", "workers", "global_accum", "local_accum", "pull_every", "updates", "wps",
-            "avg_staleness", "best_valid", "primary_metric", "stopped_because", "wall_s")
-    print(json.dumps({k: summary.get(k) for k in keys}))
+            "avg_staleness", "best_valid", "primary_metric", "best_valid_bleu", "test_bleu", "test_chrf",
+            "stopped_because", "wall_s")
+    if not config.quiet and summary.get("test_bleu") is not None:
+        print(f"pyasgd-train: dev BLEU {summary['best_valid_bleu']:.2f} (best), test BLEU "
+              f"{summary['test_bleu']:.2f}, {summary['wps']:,.0f} words/s; run directory {summary['run_dir']}",
+              file=sys.stderr)
+    print(json.dumps({k: summary.get(k) for k in keys if k in summary}))
     return 0
 
 

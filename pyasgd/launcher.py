@@ -108,6 +108,7 @@ class Launcher:
         queue = ctx.Queue()
         stopped_because, failure, extra = "", None, {}
         start = time.monotonic()
+        train_end = None
         pbar = None
         try:
             region.publish(flat.params)
@@ -174,10 +175,11 @@ class Launcher:
                 if pbar is not None:
                     pbar.set_postfix(log.postfix(), refresh=False)
             self._stop(procs, stop, region, queue, log, server_done)
+            train_end = time.monotonic()  # wall_s and wps count training, not the final decoding
+            torch.set_num_threads(os.cpu_count() or 1)  # the workers are gone: all cores
             if not failure and (not log.valid or log.valid[-1]["update"] != log.updates):
                 validate(task, flat, log, self.run_dir, log.updates, region.pull(flat.params))
             if not failure:
-                torch.set_num_threads(os.cpu_count() or 1)  # the workers are gone: all cores
                 extra = final_test(task, flat, self.run_dir)
         except KeyboardInterrupt:
             stopped_because = "interrupted"
@@ -191,7 +193,7 @@ class Launcher:
                     p.kill()
                 p.join(5)
             region.close()
-            wall = time.monotonic() - start
+            wall = (train_end or time.monotonic()) - start
             if stopped_because:
                 because = f"failed: {failure.splitlines()[0]}" if failure else stopped_because
                 rundir.write_json(os.path.join(self.run_dir, "summary.json"),

@@ -108,6 +108,7 @@ class RunLog:
             "time_to_bleu" if self.task.has_bleu else "time_to_target":
                 {f"{t:g}": hit for t, hit in self.targets.items()},
             "stopped_because": stopped_because,
+            "run_dir": self.run_dir,
         }
         if extra:
             s.update(extra)

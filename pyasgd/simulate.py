@@ -148,10 +148,10 @@ def simulate(config: TrainConfig, run_dir: str, task=None) -> dict[str, Any]:
         if not sync:
             pull_if_due(i)
     save()
+    wall = time.monotonic() - start
     if not log.valid or log.valid[-1]["update"] != up.step:
         flat.params.copy_(published)
         validate(task, flat, log, run_dir, up.step, version)
-    wall = time.monotonic() - start
     summary = log.summary(stopped_because=stopped_because, wall_s=wall, extra=final_test(task, flat, run_dir))
     rundir.write_json(os.path.join(run_dir, "summary.json"), summary)
     log.close()
