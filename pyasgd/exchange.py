@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pyasgd import _ext
+from pyasgd.flat import check_flat
 from pyasgd.optim import fused_adam_step
 
 __all__ = ["SharedRegion", "Batch", "RegionTimeoutError", "RegionClosedError", "default_slots"]
@@ -86,16 +87,7 @@ def _install_owner_handlers() -> None:
 
 
 def _check_tensor(name: str, t: torch.Tensor, n: int) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32 to match the region, got {t.dtype}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (flatten your parameters into one buffer)")
-    if t.numel() != n:
-        raise ValueError(f"{name} has {t.numel()} elements but the region holds {n}")
-    if t.device.type not in ("cpu", "cuda"):
-        raise ValueError(f"{name} is on {t.device}; the region exchanges with CPU or CUDA tensors")
+    check_flat(name, t, n, of="the region")
 
 
 class SharedRegion:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from pyasgd import _ext
+from pyasgd.flat import check_flat, flatten_params
 
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 
@@ -28,16 +29,7 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _check_buffer(name: str, t: torch.Tensor, n: int, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}; the fused update works on fp32 buffers")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous (it is written in place; pass a contiguous buffer)")
-    if t.numel() != n:
-        raise ValueError(f"{name} has {t.numel()} elements but param has {n}; all buffers must match")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but param is on {device}; move it to {device}")
+    check_flat(name, t, n, device=device)
 
 
 def _as_grad_list(grads) -> list[torch.Tensor]:
@@ -250,29 +242,18 @@ class FusedAdam(torch.optim.Optimizer):
         self._flat.append(self._flatten(group["params"]))
 
     def _flatten(self, params: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-        if not params:
-            raise ValueError("a parameter group must hold at least one parameter")
-        device = params[0].device
-        for p in params:
-            if p.dtype != torch.float32:
-                raise TypeError(f"FusedAdam needs float32 parameters, got {p.dtype}; keep fp32 master weights")
-            if p.device != device:
-                raise ValueError(f"all parameters of a group must share a device ({device} vs {p.device})")
-        total = sum(p.numel() for p in params)
-        flat = {name: torch.zeros(total, dtype=torch.float32, device=device)
-                for name in ("param", "exp_avg", "exp_avg_sq", "grad")}
+        flat = {"param": flatten_params(params, "FusedAdam")}  # the model now lives in flat["param"]
+        for name in ("exp_avg", "exp_avg_sq", "grad"):
+            flat[name] = torch.zeros_like(flat["param"])
         offset = 0
-        with torch.no_grad():
-            for p in params:
-                n = p.numel()
-                flat["param"][offset:offset + n].copy_(p.reshape(-1))
-                p.data = flat["param"][offset:offset + n].view_as(p)  # the model now lives in flat
-                self.state[p] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": flat["exp_avg"][offset:offset + n].view_as(p),
-                    "exp_avg_sq": flat["exp_avg_sq"][offset:offset + n].view_as(p),
-                }
-                offset += n
+        for p in params:
+            n = p.numel()
+            self.state[p] = {
+                "step": torch.tensor(0.0),
+                "exp_avg": flat["exp_avg"][offset:offset + n].view_as(p),
+                "exp_avg_sq": flat["exp_avg_sq"][offset:offset + n].view_as(p),
+            }
+            offset += n
         return flat
 
     def _runs(self, group: dict):

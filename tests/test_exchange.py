@@ -31,7 +31,7 @@ def test_conservation_four_writers(G):
             total = torch.zeros(n, dtype=torch.float64)
             seen, tokens, remaining = [], 0, workers * pushes
             while remaining:
-                batch = region.collect(min(G, remaining), timeout=60)
+                batch = region.collect(min(G, remaining), timeout=180)  # a bound for hangs only
                 for g in batch.grads:
                     total += g.double()
                 seen += batch.push_seqs
