@@ -1,8 +1,8 @@
 """`pyasgd-train`: train with asynchronous (or synchronous) SGD as the paper compares them.
 
     pyasgd-train                                   # the default job
-    pyasgd-train --mode async --workers 4 --global-accum 4
-    pyasgd-train --simulate --workers 4 --local-accum 2 --global-accum 2
+    pyasgd-train --mode async --workers 4 --global-accum 1   # plain async (default G = N)
+    pyasgd-train --task synthetic --simulate --workers 4 --local-accum 2 --global-accum 2
     pyasgd-train --config run.toml --max-updates 2000
     pyasgd-train --resume runs/20261126-080000-async --max-updates 4000
 

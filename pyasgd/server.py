@@ -61,11 +61,11 @@ class Updater:
                     g.mul_(1.0 / staleness[i])  # Zhang et al. 2016: weight by 1/staleness
         norm = None
         if c.clip_norm > 0:
-            if self._sum is None or self._sum.device != use[0].device:
-                self._sum = torch.empty_like(use[0])
+            if self._sum is None:
+                self._sum = torch.empty_like(self.master)  # on the master's device
             self._sum.copy_(use[0])
             for g in use[1:]:
-                self._sum.add_(g)  # the kernel's order, so clipping changes only the scale
+                self._sum.add_(g.to(self._sum.device))  # the kernel's order: clipping only rescales
             norm = float(self._sum.norm())
             if norm > c.clip_norm:
                 self._sum.mul_(c.clip_norm / (norm + 1e-6))
