@@ -41,8 +41,13 @@ inline AdamScalars make_scalars(const AdamHyper& h) {
 // All buffers are flat fp32 of n elements. grads[0..G) are summed in index order.
 // out may be null. workspace (n floats, may be null) lets G >= 3 be summed once instead of read
 // twice. Returns false, writing nothing but the workspace, when a summed element is not finite.
+// assume_finite: the caller has proved every summed element finite (bounds from the pushers),
+// so the check pass is skipped and the update is one pass over memory.
 bool adam_step_cpu(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
-                   float* out, float* workspace, const AdamHyper& h);
+                   float* out, float* workspace, const AdamHyper& h, bool assume_finite = false);
+
+// Copies n floats and returns max |x| (+inf when an element is not finite), in one pass.
+float copy_absmax_cpu(float* dst, const float* src, size_t n);
 
 // SIMD level chosen at run time for this CPU ("avx512", "avx2" or "scalar").
 const char* cpu_simd_level();
@@ -52,7 +57,8 @@ void cpu_set_num_threads(int n);
 #ifdef PYASGD_WITH_CUDA
 // Same contract on device pointers (grads may be mapped pinned host memory), on `stream`.
 bool adam_step_cuda(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
-                    float* out, float* workspace, const AdamHyper& h, int device, void* stream);
+                    float* out, float* workspace, const AdamHyper& h, int device, void* stream,
+                    bool assume_finite = false);
 constexpr int kCudaMaxGrads = 64;  // gradient pointers travel in the kernel's argument block
 int cuda_device_count();
 void cuda_host_register(void* ptr, size_t bytes);

@@ -40,11 +40,11 @@ PYBIND11_MODULE(_C, m) {
       "adam_step_cpu",
       [](uintptr_t p, uintptr_t mm, uintptr_t v, const std::vector<uintptr_t>& grads, size_t n,
          uintptr_t out, uintptr_t workspace, long long step, double lr, double beta1, double beta2,
-         double eps, double wd, bool decoupled) {
+         double eps, double wd, bool decoupled, bool assume_finite) {
         auto g = grad_ptrs(grads);
         return pyasgd::adam_step_cpu(ptr(p), ptr(mm), ptr(v), g.data(), static_cast<int>(g.size()),
                                      n, ptr(out), ptr(workspace),
-                                     hyper(step, lr, beta1, beta2, eps, wd, decoupled));
+                                     hyper(step, lr, beta1, beta2, eps, wd, decoupled), assume_finite);
       },
       py::call_guard<py::gil_scoped_release>(),
       "Fused sum-of-gradients + Adam on CPU buffers (addresses); False = skipped, non-finite.");
@@ -60,12 +60,12 @@ PYBIND11_MODULE(_C, m) {
       "adam_step_cuda",
       [](uintptr_t p, uintptr_t mm, uintptr_t v, const std::vector<uintptr_t>& grads, size_t n,
          uintptr_t out, uintptr_t workspace, long long step, double lr, double beta1, double beta2,
-         double eps, double wd, bool decoupled, int device, uintptr_t stream) {
+         double eps, double wd, bool decoupled, int device, uintptr_t stream, bool assume_finite) {
         auto g = grad_ptrs(grads);
         return pyasgd::adam_step_cuda(ptr(p), ptr(mm), ptr(v), g.data(), static_cast<int>(g.size()),
                                       n, ptr(out), ptr(workspace),
                                       hyper(step, lr, beta1, beta2, eps, wd, decoupled), device,
-                                      reinterpret_cast<void*>(stream));
+                                      reinterpret_cast<void*>(stream), assume_finite);
       },
       py::call_guard<py::gil_scoped_release>());
   m.def("cuda_device_count", &pyasgd::cuda_device_count);

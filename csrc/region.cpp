@@ -19,6 +19,7 @@
 #include <random>
 #include <thread>
 
+#include "adam.h"
 #include "cpu/thread_pool.h"
 
 namespace pyasgd {
@@ -346,8 +347,9 @@ int Region::claim(int worker, double timeout) {
   return got;
 }
 
-Ticket Region::commit(int slot, uint64_t version, uint64_t tokens, double loss) {
+Ticket Region::commit(int slot, uint64_t version, uint64_t tokens, double loss, float bound) {
   SlotMeta& s = meta(slot);
+  s.bound = bound;
   s.version = version;
   s.tokens = tokens;
   s.loss = loss;
@@ -377,8 +379,8 @@ void Region::abandon(int slot) {
 Ticket Region::push_cpu(const float* src, int worker, uint64_t version, uint64_t tokens,
                         double loss, double timeout) {
   int k = claim(worker, timeout);
-  parallel_copy(slot_ptr(k), src, h_->n);
-  return commit(k, version, tokens, loss);
+  float bound = copy_absmax_cpu(slot_ptr(k), src, h_->n);  // the copy measures the bound for free
+  return commit(k, version, tokens, loss, bound);
 }
 
 std::vector<Collected> Region::collect(int G, double timeout, std::vector<Reclaimed>* reclaimed) {
@@ -390,7 +392,7 @@ std::vector<Collected> Region::collect(int G, double timeout, std::vector<Reclai
     for (uint64_t k = 0; k < h_->slots; ++k) {
       SlotMeta& s = meta(static_cast<int>(k));
       if (s.state.load(std::memory_order_acquire) == kReady)
-        ready.push_back({static_cast<int>(k), s.worker, s.version, s.tokens, s.push_seq, s.loss});
+        ready.push_back({static_cast<int>(k), s.worker, s.version, s.tokens, s.push_seq, s.loss, s.bound});
     }
     return ready.size() >= static_cast<size_t>(G);
   };

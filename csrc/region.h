@@ -23,7 +23,7 @@
 namespace pyasgd {
 
 constexpr uint64_t kRegionMagic = 0x3130445347534150ULL;  // "PASGSD01" little-endian
-constexpr uint32_t kLayoutVersion = 2;
+constexpr uint32_t kLayoutVersion = 3;
 
 enum SlotState : uint32_t { kFree = 0, kWriting = 1, kReady = 2, kReading = 3 };
 
@@ -36,6 +36,7 @@ struct alignas(64) SlotMeta {
   uint64_t tokens;
   uint64_t push_seq;  // arrival order, unique per region
   double loss;
+  float bound;  // max |g| measured while copying in (+inf: not finite; < 0: unknown)
   std::atomic<uint32_t> acks;  // ++ when the server has processed what the slot held
 };
 
@@ -85,6 +86,7 @@ struct Collected {
   int worker;
   uint64_t version, tokens, push_seq;
   double loss;
+  float bound;
 };
 
 struct Reclaimed {
@@ -123,7 +125,7 @@ class Region {
 
   // Gradient ring
   int claim(int worker, double timeout);
-  Ticket commit(int slot, uint64_t version, uint64_t tokens, double loss);
+  Ticket commit(int slot, uint64_t version, uint64_t tokens, double loss, float bound);
   void abandon(int slot);
   Ticket push_cpu(const float* src, int worker, uint64_t version, uint64_t tokens, double loss,
                   double timeout);

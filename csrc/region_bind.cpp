@@ -19,7 +19,8 @@ void bind_region(py::module_& m) {
       .def_readonly("version", &pyasgd::Collected::version)
       .def_readonly("tokens", &pyasgd::Collected::tokens)
       .def_readonly("push_seq", &pyasgd::Collected::push_seq)
-      .def_readonly("loss", &pyasgd::Collected::loss);
+      .def_readonly("loss", &pyasgd::Collected::loss)
+      .def_readonly("bound", &pyasgd::Collected::bound);
   py::class_<pyasgd::Reclaimed>(m, "Reclaimed")
       .def_readonly("slot", &pyasgd::Reclaimed::slot)
       .def_readonly("pid", &pyasgd::Reclaimed::pid)

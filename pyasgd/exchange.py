@@ -15,6 +15,8 @@ asynchronous SGD with N workers).
 from __future__ import annotations
 
 import atexit
+import dataclasses
+import math
 import os
 import signal
 import threading
@@ -53,6 +55,7 @@ class Batch:
     push_seqs: list[int]
     staleness: list[int]
     reclaimed: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, pid, worker)
+    bounds: list[float] = field(default_factory=list)  # max |g| per gradient (see fused_adam_step)
 
 
 _owned: weakref.WeakSet = weakref.WeakSet()
@@ -249,7 +252,8 @@ class SharedRegion:
             except BaseException:
                 h.abandon(slot)
                 raise
-            ticket = h.commit(slot, int(version), int(tokens), float(loss))
+            bound = float(grad.detach().abs().amax())  # inf/NaN when not finite, as on the CPU path
+            ticket = h.commit(slot, int(version), int(tokens), float(loss), bound if math.isfinite(bound) else math.inf)
         self._ticket = ticket
         return ticket.push_seq
 
@@ -282,17 +286,14 @@ class SharedRegion:
             push_seqs=[c.push_seq for c in got],
             staleness=[current - c.version for c in got],
             reclaimed=[(r.slot, r.pid, r.worker) for r in reclaimed],
+            bounds=[c.bound for c in got],
         )
 
     @staticmethod
     def merge(batches: list[Batch]) -> Batch:
         """One batch of the gradients collected one at a time (in arrival order)."""
-        out = Batch([], [], [], [], [], [], [], [], [])
-        for b in batches:
-            for name in ("slots", "grads", "workers", "versions", "tokens", "losses", "push_seqs",
-                         "staleness", "reclaimed"):
-                getattr(out, name).extend(getattr(b, name))
-        return out
+        names = [f.name for f in dataclasses.fields(Batch)]
+        return Batch(**{name: [x for b in batches for x in getattr(b, name)] for name in names})
 
     def release(self, batch: Batch) -> None:
         self._handle().release(batch.slots)
@@ -317,6 +318,8 @@ class SharedRegion:
         written straight into the back buffer (CPU master) or copied there (GPU master, which
         reads the pinned slots directly), then publish and release. Returns False, publishing
         nothing, when the summed gradient was not finite."""
+
+        adam.setdefault("grad_bounds", batch.bounds)  # the pushers' bounds: one pass when finite
 
         def step(out: torch.Tensor) -> bool:
             if param.device.type == "cpu":

@@ -130,32 +130,32 @@ def _workspace(n: int, device: torch.device) -> torch.Tensor:
     return buf
 
 
-def _kernel_args(param, exp_avg, exp_avg_sq, grads, out):
-    ws = _workspace(param.numel(), param.device).data_ptr() if len(grads) >= 3 else 0
+def _kernel_args(param, exp_avg, exp_avg_sq, grads, out, assume_finite=False):
+    ws = _workspace(param.numel(), param.device).data_ptr() if len(grads) >= 3 and not assume_finite else 0
     return (param.data_ptr(), exp_avg.data_ptr(), exp_avg_sq.data_ptr(),
             [g.data_ptr() for g in grads], param.numel(),
             0 if out is None else out.data_ptr(), ws)
 
 
 def adam_step_cpu(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2, eps,
-                  weight_decay=0.0, decoupled=False, out=None) -> bool:
+                  weight_decay=0.0, decoupled=False, out=None, assume_finite=False) -> bool:
     C = _ext.ext()
-    return C.adam_step_cpu(*_kernel_args(param, exp_avg, exp_avg_sq, grads, out), int(step),
+    return C.adam_step_cpu(*_kernel_args(param, exp_avg, exp_avg_sq, grads, out, assume_finite), int(step),
                            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                           bool(decoupled))
+                           bool(decoupled), bool(assume_finite))
 
 
 def adam_step_cuda(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2, eps,
-                   weight_decay=0.0, decoupled=False, out=None) -> bool:
+                   weight_decay=0.0, decoupled=False, out=None, assume_finite=False) -> bool:
     C = _ext.ext()
     if len(grads) > C.cuda_max_grads:
         raise ValueError(f"the CUDA kernel sums at most {C.cuda_max_grads} gradients per call, got {len(grads)}")
     device = param.device
     stream = torch.cuda.current_stream(device).cuda_stream
-    return C.adam_step_cuda(*_kernel_args(param, exp_avg, exp_avg_sq, grads, out), int(step),
+    return C.adam_step_cuda(*_kernel_args(param, exp_avg, exp_avg_sq, grads, out, assume_finite), int(step),
                             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                             bool(decoupled), device.index if device.index is not None else
-                            torch.cuda.current_device(), stream)
+                            torch.cuda.current_device(), stream, bool(assume_finite))
 
 
 _IMPLS = {"reference": adam_step_reference, "cpu": adam_step_cpu, "cuda": adam_step_cuda}
@@ -197,19 +197,47 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
     raise ValueError(f"no fused Adam implementation for device type {device.type!r}")
 
 
+# Bounds whose sum stays below this prove the fp32 sum finite, with room for the rounding of
+# partial sums (FLT_MAX is 3.4e38).
+SAFE_BOUND_SUM = 1e38
+
+
+def bounds_verdict(bounds, G: int) -> bool | None:
+    """What per-gradient bounds (max |g|, negative = unknown) prove about the sum of G gradients:
+    True = every summed element is finite; False = some element is not; None = unknown."""
+    if bounds is None:
+        return None
+    bounds = [float(b) for b in bounds]
+    if len(bounds) != G:
+        raise ValueError(f"grad_bounds has {len(bounds)} entries for {G} gradients")
+    if any(not math.isfinite(b) for b in bounds):
+        return False  # an input holds inf or NaN, so the sum holds one too
+    if any(b < 0 for b in bounds):
+        return None
+    return True if sum(bounds) < SAFE_BOUND_SUM else None
+
+
 def fused_adam_step(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2, eps,
-                    weight_decay=0.0, decoupled=False, out=None, backend="auto") -> bool:
+                    weight_decay=0.0, decoupled=False, out=None, backend="auto",
+                    grad_bounds=None) -> bool:
     """Sum the G gradients in `grads` (a sequence of flat tensors, or a G x P tensor) in order,
     apply one bias-corrected Adam step (L2 weight decay, or AdamW when `decoupled`) to `param`
     and its moments in place, and write the new parameters to `out` too when given.
 
-    Returns False, changing nothing, when a summed gradient element is not finite.
+    Returns False, changing nothing, when a summed gradient element is not finite. Knowing that
+    takes a read of every gradient before the first write (a check pass), unless `grad_bounds`
+    (max |g| of each gradient, as the exchange's pushers measure it while copying) proves the sum
+    finite: then the update is a single pass over memory.
     """
     grads = _check_args(param, exp_avg, exp_avg_sq, grads, out)
     _check_hyper(step, lr, beta1, beta2, eps, weight_decay)
-    impl = _IMPLS[resolve_backend(param.device, backend)]
-    return impl(param, exp_avg, exp_avg_sq, grads, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                eps=eps, weight_decay=weight_decay, decoupled=decoupled, out=out)
+    verdict = bounds_verdict(grad_bounds, len(grads))
+    if verdict is False:
+        return False
+    name = resolve_backend(param.device, backend)
+    kw = {"assume_finite": True} if verdict and name != "reference" else {}
+    return _IMPLS[name](param, exp_avg, exp_avg_sq, grads, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                        eps=eps, weight_decay=weight_decay, decoupled=decoupled, out=out, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

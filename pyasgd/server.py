@@ -42,9 +42,11 @@ class Updater:
         c = self.config
         return learning_rate(update, lr=c.lr, schedule=c.schedule, warmup=c.warmup)
 
-    def apply(self, grads: list[torch.Tensor], staleness: list[int], out: torch.Tensor | None = None) -> UpdateResult:
+    def apply(self, grads: list[torch.Tensor], staleness: list[int], out: torch.Tensor | None = None,
+              bounds: list[float] | None = None) -> UpdateResult:
         """One server update from `grads` (which the server owns: scaling happens in place).
-        `out`, when given, receives the new parameters (the region's back buffer)."""
+        `out`, when given, receives the new parameters (the region's back buffer). `bounds`
+        (max |g| per gradient, measured by the pushers) let the fused update skip its check pass."""
         c = self.config
         kept = list(range(len(grads)))
         if self.drop_after is not None:
@@ -55,6 +57,7 @@ class Updater:
         if not kept:
             return UpdateResult(False, lr, 0, dropped)
         use = [grads[i] for i in kept]
+        use_bounds = [bounds[i] for i in kept] if bounds else None  # 1/staleness scaling keeps them valid
         if c.stale_policy == "scale":
             for i, g in zip(kept, use):
                 if staleness[i] > 1:
@@ -69,13 +72,13 @@ class Updater:
             norm = float(self._sum.norm())
             if norm > c.clip_norm:
                 self._sum.mul_(c.clip_norm / (norm + 1e-6))
-            use = [self._sum]
+            use, use_bounds = [self._sum], None
         if self.master.device.type == "cuda":
             use = [g if g.device == self.master.device or g.is_pinned() else g.to(self.master.device) for g in use]
         kernel_out = out if out is not None and out.device == self.master.device else None
         ok = fused_adam_step(self.master, self.exp_avg, self.exp_avg_sq, use, step=self.step + 1, lr=lr,
                              beta1=c.beta1, beta2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
-                             decoupled=c.decoupled, out=kernel_out)
+                             decoupled=c.decoupled, out=kernel_out, grad_bounds=use_bounds)
         if ok:
             self.step += 1
             if out is not None and kernel_out is None:
@@ -177,7 +180,7 @@ def _serve(args: ServerArgs) -> None:
             holder = {}
 
             def step(out):
-                holder["res"] = res = up.apply(batch.grads, batch.staleness, out)
+                holder["res"] = res = up.apply(batch.grads, batch.staleness, out, batch.bounds)
                 if not res.applied and config.mode == "sync":
                     out.copy_(up.master)  # workers wait at the barrier: release them anyway
                     return True

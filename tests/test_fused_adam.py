@@ -74,6 +74,17 @@ for n in (1, 7, 22, 1023, 300001):
         assert adam_step_reference(*b, gs, step=s, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
     for x, y in zip(a, b):
         assert ((x - y).abs().max() / y.abs().max()).item() < 1e-6
+from pyasgd.exchange import SharedRegion  # the pushers' copy + bound, at this SIMD level too
+for n in (1, 7, 22, 300001):
+    with SharedRegion.create(n, 2) as r:
+        g = torch.randn(n)
+        r.push(g, version=0)
+        b = r.collect(1)
+        assert torch.equal(b.grads[0], g) and b.bounds == [g.abs().max().item()], (n, b.bounds)
+        r.release(b)
+        g[n // 2] = float("nan")
+        r.push(g, version=0)
+        assert r.collect(1).bounds == [float("inf")]
 """
     env = dict(os.environ, PYASGD_SIMD=simd)
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -254,3 +265,44 @@ def test_fused_adam_rejects_non_fp32():
     model = _model("cpu").double()
     with pytest.raises(TypeError, match="float32"):
         FusedAdam(model.parameters())
+
+
+# --- grad_bounds: the pushers' max |g| proves the sum finite, and the update is one pass ------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("G", [1, 4])
+def test_bounds_give_the_same_result_in_one_pass(device, G):
+    n = 2**20 + 3
+    a, b = make_state(n, device), make_state(n, device)
+    gen = torch.Generator().manual_seed(3)
+    for step in (1, 2, 3):
+        grads = [torch.randn(n, generator=gen).to(device) for _ in range(G)]
+        bounds = [g.abs().max().item() for g in grads]
+        assert fused_adam_step(*a, grads, step=step, grad_bounds=bounds, **HYPER)
+        assert adam_step_reference(*b, grads, step=step, **HYPER)
+    for x, y in zip(a, b):
+        assert rel_err(x, y) < 1e-6
+
+
+def test_bounds_that_show_a_non_finite_input_change_nothing():
+    p, m, v = make_state(100, "cpu")
+    before = [t.clone() for t in (p, m, v)]
+    grads = [torch.randn(100), torch.randn(100)]
+    grads[1][3] = float("inf")
+    for bounds in ([1.0, float("inf")], [float("nan"), 1.0]):
+        assert fused_adam_step(p, m, v, grads, step=1, grad_bounds=bounds, **HYPER) is False
+    assert all(torch.equal(x, y) for x, y in zip((p, m, v), before))
+
+
+def test_bounds_too_large_or_unknown_fall_back_to_the_check_pass():
+    n = 1000
+    p, m, v = make_state(n, "cpu")
+    before = p.clone()
+    overflow = [torch.full((n,), 3e38), torch.full((n,), 3e38)]  # finite inputs, infinite sum
+    assert fused_adam_step(p, m, v, overflow, step=1, grad_bounds=[3e38, 3e38], **HYPER) is False
+    bad = [torch.randn(n)]
+    bad[0][7] = float("nan")
+    assert fused_adam_step(p, m, v, bad, step=1, grad_bounds=[-1.0], **HYPER) is False  # unknown
+    assert torch.equal(p, before)
+    with pytest.raises(ValueError, match="grad_bounds has 1 entries for 2 gradients"):
+        fused_adam_step(p, m, v, overflow, step=1, grad_bounds=[1.0], **HYPER)

@@ -1,5 +1,6 @@
 // AVX2+FMA instantiation of the CPU Adam kernel (compiled with -mavx2 -mfma; chosen at run time).
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include "adam.h"
@@ -24,6 +25,13 @@ struct Avx2 {
   static reg sqrt(reg a) { return _mm256_sqrt_ps(a); }
   static reg fmadd(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
   static void fence() { _mm_sfence(); }
+  static reg max(reg a, reg b) { return _mm256_max_ps(a, b); }
+  static reg abs(reg a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static float hmax(reg a) {
+    alignas(32) float t[8];
+    _mm256_store_ps(t, a);
+    return *std::max_element(t, t + 8);
+  }
   static bool any_nan(reg a) { return _mm256_movemask_ps(_mm256_cmp_ps(a, a, _CMP_UNORD_Q)) != 0; }
 };
 #include "cpu/adam_kernel.inl"
@@ -35,6 +43,9 @@ bool range_finite_avx2(const float* const* g, int G, size_t b, size_t e) {
 }
 bool range_sum_avx2(const float* const* g, int G, float* dst, size_t b, size_t e) {
   return range_sum_t<Avx2>(g, G, dst, b, e);
+}
+float range_copy_absmax_avx2(float* dst, const float* src, size_t b, size_t e) {
+  return range_copy_absmax_t<Avx2>(dst, src, b, e);
 }
 void adam_range_avx2(float* p, float* m, float* v, const float* const* g, int G, float* out,
                      size_t b, size_t e, const AdamScalars& c) {

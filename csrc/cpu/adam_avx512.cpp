@@ -1,5 +1,6 @@
 // AVX-512 instantiation of the CPU Adam kernel (compiled with -mavx512f; chosen at run time).
 #include <immintrin.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include "adam.h"
@@ -26,6 +27,9 @@ struct Avx512 {
   static reg sqrt(reg a) { return _mm512_sqrt_ps(a); }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static void fence() { _mm_sfence(); }
+  static reg max(reg a, reg b) { return _mm512_max_ps(a, b); }
+  static reg abs(reg a) { return _mm512_abs_ps(a); }
+  static float hmax(reg a) { return _mm512_reduce_max_ps(a); }
   static bool any_nan(reg a) { return _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) != 0; }
 };
 #include "cpu/adam_kernel.inl"
@@ -37,6 +41,9 @@ bool range_finite_avx512(const float* const* g, int G, size_t b, size_t e) {
 }
 bool range_sum_avx512(const float* const* g, int G, float* dst, size_t b, size_t e) {
   return range_sum_t<Avx512>(g, G, dst, b, e);
+}
+float range_copy_absmax_avx512(float* dst, const float* src, size_t b, size_t e) {
+  return range_copy_absmax_t<Avx512>(dst, src, b, e);
 }
 void adam_range_avx512(float* p, float* m, float* v, const float* const* g, int G, float* out,
                        size_t b, size_t e, const AdamScalars& c) {

@@ -56,6 +56,30 @@ bool range_sum_t(const float* const* g, int G, float* dst, size_t b, size_t e) {
   return ok;
 }
 
+// Copies src[b, e) to dst (streaming stores) and returns max |x| over the range, or +inf when
+// an element is inf or NaN: the pusher's bound that lets the server skip its check pass.
+template <class V>
+float range_copy_absmax_t(float* dst, const float* src, size_t b, size_t e) {
+  typename V::reg mx = V::zero(), bad = V::zero();
+  size_t i = b;
+  for (; i + V::width <= e; i += V::width) {
+    typename V::reg x = V::load(src + i);
+    V::store_out(dst + i, x);
+    bad = V::add(bad, V::sub(x, x));  // NaN once any element is not finite
+    mx = V::max(mx, V::abs(x));
+  }
+  V::fence();
+  float m = V::hmax(mx);
+  bool finite = !V::any_nan(bad);
+  for (; i < e; ++i) {
+    float x = src[i];
+    dst[i] = x;
+    finite = finite && std::isfinite(x);
+    m = std::max(m, std::fabs(x));
+  }
+  return finite ? m : INFINITY;
+}
+
 template <class V>
 inline void adam_one(float* p, float* m, float* v, const float* const* g, int G, float* out,
                      size_t i, const pyasgd::AdamScalars& c) {
@@ -101,4 +125,7 @@ struct ScalarVec {
   static float fmadd(float a, float b, float c) { return std::fma(a, b, c); }
   static bool any_nan(float a) { return a != a; }
   static void fence() {}
+  static float max(float a, float b) { return std::max(a, b); }
+  static float abs(float a) { return std::fabs(a); }
+  static float hmax(float a) { return a; }
 };

@@ -130,7 +130,8 @@ struct DeviceGuard {
 }  // namespace
 
 bool adam_step_cuda(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
-                    float* out, float* workspace, const AdamHyper& h, int device, void* stream_ptr) {
+                    float* out, float* workspace, const AdamHyper& h, int device, void* stream_ptr,
+                    bool assume_finite) {
   if (G < 1 || G > kCudaMaxGrads) throw std::invalid_argument("adam_step_cuda: G out of range");
   DeviceGuard guard(device);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
@@ -142,13 +143,13 @@ bool adam_step_cuda(float* param, float* m, float* v, const float* const* grads,
     gp.p[k] = grads[k];
     vec = vec && aligned16(grads[k]);
   }
-  const bool presum = workspace != nullptr && G >= 3;  // see adam_cpu.cpp for why
+  const bool presum = !assume_finite && workspace != nullptr && G >= 3;  // see adam_cpu.cpp
 
   int* bad = nullptr;
   PYASGD_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&bad), sizeof(int), stream));
   PYASGD_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int), stream));
   float* dst = presum ? workspace : nullptr;
-  launch_split(
+  if (!assume_finite) launch_split(
       n, vec,
       [&](size_t b, size_t packs, unsigned blocks) {
         sum_check_kernel<4><<<blocks, kThreads, 0, stream>>>(gp, G, b, packs, dst, bad);
