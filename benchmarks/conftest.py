@@ -20,11 +20,6 @@ def report():
     return record
 
 
-def best_seconds(benchmark) -> float:
-    """The fastest round: on a shared 2-core VM the minimum is the least disturbed figure."""
-    return benchmark.stats.stats.min
-
-
 def pytest_terminal_summary(terminalreporter):
     if not ROWS:
         return

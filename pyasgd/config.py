@@ -10,7 +10,7 @@ import json
 import os
 import sys
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 if sys.version_info >= (3, 11):

@@ -19,7 +19,6 @@ class RunLog:
         self.staleness: Counter[int] = Counter()
         self.updates = 0
         self.tokens = 0
-        self.loss_sum = 0.0
         self.recent_loss: list[float] = []
         self.dropped = 0
         self.valid: list[dict[str, Any]] = []

@@ -11,7 +11,8 @@ from pyasgd.config import ConfigError, TrainConfig
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 # Settings a resumed run must share with the run it continues (they shape the model or data).
-SHAPE_FIELDS = ("task", "workers", "seed", "vocab", "seq_len", "train_size", "batch_size")
+SHAPE_FIELDS = ("task", "workers", "seed", "vocab", "seq_len", "train_size", "batch_size", "vocab_size",
+                "max_len", "batch_tokens", "preset", "rnn_cell", "positions", "prenorm", "train_src", "train_tgt")
 
 
 def prepare(config: TrainConfig) -> str:

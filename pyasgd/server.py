@@ -7,7 +7,7 @@ import os
 import signal
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +20,6 @@ from pyasgd.schedule import learning_rate
 class UpdateResult:
     applied: bool
     lr: float
-    used: int          # gradients summed into the update (after drop:T)
     dropped: int       # gradients discarded as too stale
     grad_norm: float | None = None
 
@@ -55,7 +54,7 @@ class Updater:
         self.dropped += dropped
         lr = self.lr(self.step + 1)
         if not kept:
-            return UpdateResult(False, lr, 0, dropped)
+            return UpdateResult(False, lr, dropped)
         use = [grads[i] for i in kept]
         use_bounds = [bounds[i] for i in kept] if bounds else None  # 1/staleness scaling keeps them valid
         if c.stale_policy == "scale":
@@ -85,7 +84,7 @@ class Updater:
                 out.copy_(self.master)  # e.g. a GPU master into the pinned host back buffer
         else:
             self.skipped += 1
-        return UpdateResult(ok, lr, len(kept), dropped, norm)
+        return UpdateResult(ok, lr, dropped, norm)
 
     def state_dict(self) -> dict:
         return {"params": self.master.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
@@ -116,7 +115,6 @@ class ServerArgs:
     cursors: object = None       # mp.Array of 2N int64: each worker's (epoch, index)
     stop: object = None          # mp.Event
     queue: object = None         # mp.Queue of records to the launcher
-    extra: dict = field(default_factory=dict)
 
 
 def server_main(args: ServerArgs) -> None:

@@ -1,5 +1,4 @@
 """Process bodies for the multi-process exchange tests (importable by spawned children)."""
-import os
 import time
 
 import torch

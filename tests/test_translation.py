@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from pyasgd.config import TrainConfig
 from pyasgd.data import bible
 from pyasgd.data.batching import epoch_batches, worker_batches
 from pyasgd.data.corpus import CorpusError, read_parallel
