@@ -89,10 +89,6 @@ def _install_owner_handlers() -> None:
         # SIGKILL cannot be handled: the next create() sweeps segments whose owner is dead.
 
 
-def _check_tensor(name: str, t: torch.Tensor, n: int) -> None:
-    check_flat(name, t, n, of="the region")
-
-
 class SharedRegion:
     """One run's shared-memory segment. Create it in the launcher (the owner, which unlinks it on
     every exit path), attach to it by name in spawned processes."""
@@ -206,7 +202,7 @@ class SharedRegion:
     def publish(self, params: torch.Tensor) -> int:
         """Write a whole new parameter vector (e.g. the initial one) and publish it."""
         h = self._handle()
-        _check_tensor("params", params, h.n)
+        check_flat("params", params, h.n, of="the region")
         back = h.begin_write()
         try:
             self.params[back].copy_(params.reshape(-1))
@@ -219,7 +215,7 @@ class SharedRegion:
         """Copy the published parameters into `dst` (CPU or CUDA) and return their version. Never
         a mix of two versions; never blocks the server."""
         h = self._handle()
-        _check_tensor("dst", dst, h.n)
+        check_flat("dst", dst, h.n, of="the region")
         if dst.device.type == "cpu":
             return h.pull_cpu(dst.data_ptr())
         while True:
@@ -240,7 +236,7 @@ class SharedRegion:
         every slot is taken and raises RegionTimeoutError after `timeout` seconds. Returns the
         push sequence number."""
         h = self._handle()
-        _check_tensor("grad", grad, h.n)
+        check_flat("grad", grad, h.n, of="the region")
         if version < 0 or tokens < 0:
             raise ValueError(f"version and tokens must be >= 0, got {version} and {tokens}")
         if grad.device.type == "cpu":
@@ -315,21 +311,13 @@ class SharedRegion:
     def apply(self, batch: Batch, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
               **adam) -> bool:
         """Fused sum of the batch's gradients + Adam into the master `param`, the new parameters
-        written straight into the back buffer (CPU master) or copied there (GPU master, which
-        reads the pinned slots directly), then publish and release. Returns False, publishing
+        written into the back buffer (in the same pass for a CPU master), then publish and release. Returns False, publishing
         nothing, when the summed gradient was not finite."""
 
         adam.setdefault("grad_bounds", batch.bounds)  # the pushers' bounds: one pass when finite
 
-        def step(out: torch.Tensor) -> bool:
-            if param.device.type == "cpu":
-                return fused_adam_step(param, exp_avg, exp_avg_sq, batch.grads, out=out, **adam)
-            ok = fused_adam_step(param, exp_avg, exp_avg_sq, batch.grads, **adam)
-            if ok:
-                out.copy_(param)
-            return ok
-
-        return self.update(batch, step)
+        return self.update(batch, lambda out: fused_adam_step(param, exp_avg, exp_avg_sq, batch.grads,
+                                                              out=out, **adam))
 
     def slot_state(self, k: int) -> int:
         return self._handle().slot_state(k)

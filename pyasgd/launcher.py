@@ -134,16 +134,9 @@ class Launcher:
             server_done = False
             while not stopped_because:
                 for r in _drain(queue, 0.05):
+                    log.record(r)
                     kind = r["kind"]
-                    if kind == "update":
-                        log.on_update(r)
-                        if pbar is not None:
-                            pbar.update(max(0, log.updates - pbar.n))
-                    elif kind == "progress":
-                        log.on_progress(r)
-                    elif kind == "checkpoint":
-                        log.write(r)
-                    elif kind == "error":
+                    if kind == "error":
                         failure = f"{r['process']} failed:\n{r['traceback']}"
                         stopped_because = "failed"
                     elif kind == "server_done":
@@ -156,6 +149,8 @@ class Launcher:
                         if ready == c.workers:  # everyone has started: the clock starts now
                             go.set()
                             start = log.t0 = time.monotonic()
+                if pbar is not None:
+                    pbar.update(max(0, log.updates - pbar.n))
                 if stopped_because:
                     break
                 if next_valid is not None and log.updates >= next_valid:
@@ -211,21 +206,15 @@ class Launcher:
         server = procs[0] if procs else None
         while server is not None and not server_done and server.is_alive() and time.monotonic() < deadline:
             for r in _drain(queue, 0.05):
-                if r["kind"] == "update":
-                    log.on_update(r)
-                elif r["kind"] == "progress":
-                    log.on_progress(r)
-                elif r["kind"] == "server_done":
-                    server_done = True
+                log.record(r)
+                server_done = server_done or r["kind"] == "server_done"
         region.shutdown()
         deadline = time.monotonic() + 30
         while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
             for r in _drain(queue, 0.05):
-                if r["kind"] == "progress":
-                    log.on_progress(r)
+                log.record(r)
         for r in _drain(queue, 0.0):
-            if r["kind"] == "progress":
-                log.on_progress(r)
+            log.record(r)
 
 
 def _drain(queue, timeout: float) -> list[dict]:

@@ -32,6 +32,16 @@ class RunLog:
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
 
+    def record(self, r: dict[str, Any]) -> None:
+        """Take a record from the server or a worker (control records are the launcher's)."""
+        kind = r["kind"]
+        if kind == "update":
+            self.on_update(r)
+        elif kind == "progress":
+            self.on_progress(r)
+        elif kind == "checkpoint":
+            self.write(r)
+
     def on_update(self, r: dict[str, Any]) -> None:
         self.write(r)
         self.staleness.update(r["staleness"])

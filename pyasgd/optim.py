@@ -28,10 +28,6 @@ def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _check_buffer(name: str, t: torch.Tensor, n: int, device: torch.device) -> None:
-    check_flat(name, t, n, device=device)
-
-
 def _as_grad_list(grads) -> list[torch.Tensor]:
     if isinstance(grads, torch.Tensor):
         if grads.dim() != 2:
@@ -45,9 +41,9 @@ def _check_args(param, exp_avg, exp_avg_sq, grads, out) -> list[torch.Tensor]:
     if not isinstance(param, torch.Tensor):
         raise TypeError(f"param must be a torch.Tensor, got {type(param).__name__}")
     n, device = param.numel(), param.device
-    _check_buffer("param", param, n, device)
-    _check_buffer("exp_avg", exp_avg, n, device)
-    _check_buffer("exp_avg_sq", exp_avg_sq, n, device)
+    check_flat("param", param, n, device=device)
+    check_flat("exp_avg", exp_avg, n, device=device)
+    check_flat("exp_avg_sq", exp_avg_sq, n, device=device)
     grads = _as_grad_list(grads)
     if not grads:
         raise ValueError("grads is empty: pass at least one gradient buffer (G >= 1)")
@@ -59,10 +55,12 @@ def _check_args(param, exp_avg, exp_avg_sq, grads, out) -> list[torch.Tensor]:
                     f"grads[{i}] is in pageable CPU memory but param is on {device}; "
                     "CPU gradient sources must be pinned (mapped) memory, or move them to the GPU")
             gdev = g.device
-        _check_buffer(f"grads[{i}]", g, n, gdev)
+        check_flat(f"grads[{i}]", g, n, device=gdev)
     written = [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
     if out is not None:
-        _check_buffer("out", out, n, device)
+        # a GPU master may publish into host memory (the pinned back buffer): copied after
+        host_out = isinstance(out, torch.Tensor) and out.device.type == "cpu"
+        check_flat("out", out, n, device=out.device if host_out else device)
         written.append(("out", out))
     for i, (na, a) in enumerate(written):
         for nb, b in written[i + 1:]:
@@ -222,7 +220,8 @@ def fused_adam_step(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2
                     grad_bounds=None) -> bool:
     """Sum the G gradients in `grads` (a sequence of flat tensors, or a G x P tensor) in order,
     apply one bias-corrected Adam step (L2 weight decay, or AdamW when `decoupled`) to `param`
-    and its moments in place, and write the new parameters to `out` too when given.
+    and its moments in place, and write the new parameters to `out` too when given (in the same
+    pass; for a CUDA `param`, `out` may be host memory, then it is copied after the step).
 
     Returns False, changing nothing, when a summed gradient element is not finite. Knowing that
     takes a read of every gradient before the first write (a check pass), unless `grad_bounds`
@@ -236,8 +235,12 @@ def fused_adam_step(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2
         return False
     name = resolve_backend(param.device, backend)
     kw = {"assume_finite": True} if verdict and name != "reference" else {}
-    return _IMPLS[name](param, exp_avg, exp_avg_sq, grads, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                        eps=eps, weight_decay=weight_decay, decoupled=decoupled, out=out, **kw)
+    same = out is None or out.device == param.device  # else: out is host memory for a GPU master
+    ok = _IMPLS[name](param, exp_avg, exp_avg_sq, grads, step=step, lr=lr, beta1=beta1, beta2=beta2,
+                      eps=eps, weight_decay=weight_decay, decoupled=decoupled, out=out if same else None, **kw)
+    if ok and not same:
+        out.copy_(param)
+    return ok
 
 
 # ---------------------------------------------------------------------------------------------

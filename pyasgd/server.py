@@ -74,14 +74,11 @@ class Updater:
             use, use_bounds = [self._sum], None
         if self.master.device.type == "cuda":
             use = [g if g.device == self.master.device or g.is_pinned() else g.to(self.master.device) for g in use]
-        kernel_out = out if out is not None and out.device == self.master.device else None
         ok = fused_adam_step(self.master, self.exp_avg, self.exp_avg_sq, use, step=self.step + 1, lr=lr,
                              beta1=c.beta1, beta2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
-                             decoupled=c.decoupled, out=kernel_out, grad_bounds=use_bounds)
+                             decoupled=c.decoupled, out=out, grad_bounds=use_bounds)
         if ok:
             self.step += 1
-            if out is not None and kernel_out is None:
-                out.copy_(self.master)  # e.g. a GPU master into the pinned host back buffer
         else:
             self.skipped += 1
         return UpdateResult(ok, lr, dropped, norm)
