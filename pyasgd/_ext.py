@@ -27,3 +27,9 @@ def available() -> bool:
 
 def cuda_built() -> bool:
     return _C is not None and bool(_C.cuda_built)
+
+
+def set_cpu_threads(n: int) -> None:
+    """Threads of the CPU kernels' pool in this process (a no-op without the extension)."""
+    if _C is not None:
+        _C.cpu_set_num_threads(int(n))

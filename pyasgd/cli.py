@@ -19,7 +19,9 @@ import signal
 import sys
 import typing
 
-from pyasgd.config import ConfigError, TrainConfig, field_docs, load_toml
+from pyasgd import rundir
+from pyasgd.config import TrainConfig, field_docs, load_toml
+from pyasgd.errors import ConfigError
 
 
 class Terminated(Exception):
@@ -51,11 +53,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
              if getattr(args, f.name) is not None}
     settings: dict = {}
     if given.get("resume"):
-        path = os.path.join(given["resume"], "config.json")
+        path = os.path.join(given["resume"], rundir.CONFIG)
         if not os.path.isfile(path):
-            raise ConfigError(f"--resume: {given['resume']!r} is not a run directory (no config.json)")
-        with open(path, encoding="utf-8") as f:
-            settings = json.load(f)
+            raise ConfigError(f"--resume: {given['resume']!r} is not a run directory (no {rundir.CONFIG})")
+        settings = rundir.read_json(path)
         settings["out"] = given["resume"]
     if args.config:
         settings.update(load_toml(args.config))
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum, frame):
         raise Terminated()
 
-    signal.signal(signal.SIGTERM, on_term)
+    previous = signal.signal(signal.SIGTERM, on_term)
     from pyasgd.launcher import TrainingError, train
 
     try:
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     except Terminated:
         print("pyasgd-train: terminated; all processes stopped, shared memory removed", file=sys.stderr)
         return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (tests, notebooks)
     keys = ("mode", "workers", "global_accum", "local_accum", "pull_every", "updates", "wps",
             "avg_staleness", "best_valid", "primary_metric", "best_valid_bleu", "test_bleu", "test_chrf",
             "stopped_because", "wall_s")

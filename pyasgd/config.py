@@ -10,8 +10,10 @@ import json
 import os
 import sys
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from pyasgd.errors import ConfigError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,10 +23,8 @@ else:  # pragma: no cover
 MODES = ("sync", "async")
 SCHEDULES = ("inverse-sqrt", "constant")
 SIM_ORDERS = ("round-robin", "normal")
-
-
-class ConfigError(ValueError):
-    """An invalid setting; the message names the option and how to fix it."""
+# Marks a setting that shapes the model or the data: a resumed run must keep it (see rundir.py).
+FIXED = {"resume": "fixed"}
 
 
 def _opt(name: str) -> str:
@@ -37,7 +37,7 @@ class TrainConfig:
     mode: str = "async"
     """sync: the server sums one gradient from each worker per update and workers wait for it
     (the paper's synchronous SGD); async: no barrier."""
-    workers: int = 2
+    workers: int = field(default=2, metadata=FIXED)
     """N, the number of worker processes (or virtual workers with --simulate)."""
     global_accum: int | None = None
     """G, gradients summed by the server per update. Default: N, the paper's recommendation
@@ -51,7 +51,7 @@ class TrainConfig:
     staler than T)."""
 
     # --- task and devices ----------------------------------------------------------------------
-    task: str = "translation"
+    task: str = field(default="translation", metadata=FIXED)
     """what to train: translation (the bundled corpus or --train-src/...) or synthetic (a small
     sequence task for tests and quick runs)."""
     devices: str = "cpu"
@@ -60,15 +60,15 @@ class TrainConfig:
     """where the server keeps the master parameters and runs the fused update: cpu or cuda:I."""
     threads: int = 0
     """torch threads per CPU worker; 0 = floor(cores / workers), at least 1."""
-    seed: int = 1
+    seed: int = field(default=1, metadata=FIXED)
     """seed of model initialisation, data order and worker randomness."""
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=FIXED)
     """sequences per batch (synthetic task)."""
-    seq_len: int = 16
+    seq_len: int = field(default=16, metadata=FIXED)
     """sequence length (synthetic task)."""
-    vocab: int = 16
+    vocab: int = field(default=16, metadata=FIXED)
     """vocabulary size (synthetic task)."""
-    train_size: int = 4096
+    train_size: int = field(default=4096, metadata=FIXED)
     """training sequences per epoch (synthetic task)."""
     compute_delay: float = 0.0
     """mean seconds each synthetic batch also sleeps (uniform 0.5-1.5 times this), emulating
@@ -76,9 +76,9 @@ class TrainConfig:
     than workers (the real-process staleness tests)."""
 
     # --- translation: corpus, subwords, batches, model, search --------------------------------------
-    train_src: str = ""
+    train_src: str = field(default="", metadata=FIXED)
     """training source text (UTF-8, one sentence per line); default: the bundled English-German Bible."""
-    train_tgt: str = ""
+    train_tgt: str = field(default="", metadata=FIXED)
     """training target text, line-parallel to --train-src."""
     dev_src: str = ""
     """dev source text (validation BLEU)."""
@@ -88,21 +88,21 @@ class TrainConfig:
     """test source text (BLEU at the end); optional."""
     test_tgt: str = ""
     """test target text (references)."""
-    vocab_size: int = 2000
+    vocab_size: int = field(default=2000, metadata=FIXED)
     """joint sentencepiece vocabulary size."""
-    max_len: int = 40
+    max_len: int = field(default=40, metadata=FIXED)
     """training pairs with a side longer than this many subwords are skipped."""
-    batch_tokens: int = 2500
+    batch_tokens: int = field(default=2500, metadata=FIXED)
     """tokens per batch (padded source or target, whichever is longer): memory-sized batches."""
-    preset: str = "tiny"
+    preset: str = field(default="tiny", metadata=FIXED)
     """model preset: tiny (CPU), base (the paper's 6+6 Transformer, GPUs), rnn-tiny, rnn-base."""
     dropout: float | None = None
     """dropout (default: the preset's)."""
-    rnn_cell: str = "gru"
+    rnn_cell: str = field(default="gru", metadata=FIXED)
     """gru or lstm, for the rnn presets."""
-    positions: str = ""
+    positions: str = field(default="", metadata=FIXED)
     """transformer positions: sinusoidal or learned (default: the preset's)."""
-    prenorm: bool | None = None
+    prenorm: bool | None = field(default=None, metadata=FIXED)
     """transformer layer norm before (pre-norm) or after (post-norm) each sublayer (default: the preset's)."""
     label_smoothing: float = 0.1
     """label smoothing of the training loss."""
@@ -291,6 +291,11 @@ class TrainConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def resume_fixed_fields() -> list[str]:
+    """The settings a resumed run must share with the run it continues."""
+    return [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume") == "fixed"]
 
 
 def load_toml(path: str) -> dict[str, Any]:

@@ -6,7 +6,11 @@ POSIX shared-memory segment (csrc/region.h has the protocol), as torch tensors.
     version = region.pull(params)                            # worker: consistent snapshot
     region.push(grad, version=version, tokens=T, worker=i)   # worker: lock-free slot claim
     batch = region.collect(G)                                # server: G earliest arrivals
-    region.apply(batch, master, m, v, step=t, lr=...)        # fused sum + Adam, publish, release
+    back = region.begin_update()                             # server: the back buffer ...
+    ok = fused_adam_step(master, m, v, batch.grads, ..., out=back)  # ... written by the optimiser
+    region.end_update(batch, publish=ok)                     # publish (or not), release the slots
+
+The region is a transport: it knows the slot layout and the publish protocol, never the update.
 
 Staleness of a collected gradient = the version published when it is applied − the version it
 was computed from: the number of updates it missed (0 in synchronous SGD, N−1 in round-robin
@@ -27,9 +31,8 @@ import torch
 
 from pyasgd import _ext
 from pyasgd.flat import check_flat
-from pyasgd.optim import fused_adam_step
 
-__all__ = ["SharedRegion", "Batch", "RegionTimeoutError", "RegionClosedError", "default_slots"]
+__all__ = ["SharedRegion", "GradientBatch", "RegionTimeoutError", "RegionClosedError", "default_slots"]
 
 _C = _ext.ext()
 RegionTimeoutError = _C.RegionTimeoutError
@@ -44,7 +47,7 @@ def default_slots(workers: int, global_accum: int) -> int:
 
 
 @dataclass
-class Batch:
+class GradientBatch:
     """G collected gradients, in arrival order, with what the server needs to apply them."""
     slots: list[int]
     grads: list[torch.Tensor]  # views of the slot buffers; valid until released
@@ -201,15 +204,30 @@ class SharedRegion:
 
     def publish(self, params: torch.Tensor) -> int:
         """Write a whole new parameter vector (e.g. the initial one) and publish it."""
-        h = self._handle()
-        check_flat("params", params, h.n, of="the region")
-        back = h.begin_write()
+        check_flat("params", params, self.n, of="the region")
+        back, ok = self.begin_update(), False
         try:
-            self.params[back].copy_(params.reshape(-1))
-        except BaseException:
-            h.end_write(False)
-            raise
-        return h.end_write(True)
+            back.copy_(params.reshape(-1))
+            ok = True
+        finally:
+            self.end_update(None, publish=ok)
+        return self.version
+
+    def begin_update(self) -> torch.Tensor:
+        """Server: start writing the next parameters; returns the back buffer to write them into
+        (readers keep pulling the published one meanwhile). Always pair with end_update()."""
+        return self.params[self._handle().begin_write()]
+
+    def end_update(self, batch: GradientBatch | None, *, publish: bool) -> int:
+        """Server: publish what was written into the back buffer as the next version (or, with
+        publish=False, keep the current one), then release the batch's slots, which acks their
+        pushers, whatever happened. Returns the published version."""
+        h = self._handle()
+        try:
+            return h.end_write(bool(publish))
+        finally:
+            if batch is not None:
+                h.release(batch.slots)
 
     def pull(self, dst: torch.Tensor) -> int:
         """Copy the published parameters into `dst` (CPU or CUDA) and return their version. Never
@@ -260,11 +278,11 @@ class SharedRegion:
         if self._ticket is not None:
             self._handle().wait_ack(self._ticket, float(timeout))
 
-    def ack(self, batch: Batch) -> None:
+    def ack(self, batch: GradientBatch) -> None:
         """Server: the batch's gradients are in the accumulation; their pushers may pull."""
         self._handle().ack(batch.slots)
 
-    def collect(self, G: int, timeout: float = 60.0) -> Batch:
+    def collect(self, G: int, timeout: float = 60.0) -> GradientBatch:
         """Wait for G ready gradients and take the G earliest arrivals (marked in use until
         release()). Slots held by dead writers are reclaimed meanwhile and reported."""
         h = self._handle()
@@ -272,7 +290,7 @@ class SharedRegion:
             raise ValueError(f"G must be between 1 and the region's {h.slots} slots, got {G}")
         got, reclaimed = h.collect(int(G), float(timeout))
         current = h.version
-        return Batch(
+        return GradientBatch(
             slots=[c.slot for c in got],
             grads=[self.slot_buffers[c.slot] for c in got],
             workers=[c.worker for c in got],
@@ -286,38 +304,13 @@ class SharedRegion:
         )
 
     @staticmethod
-    def merge(batches: list[Batch]) -> Batch:
+    def merge(batches: list[GradientBatch]) -> GradientBatch:
         """One batch of the gradients collected one at a time (in arrival order)."""
-        names = [f.name for f in dataclasses.fields(Batch)]
-        return Batch(**{name: [x for b in batches for x in getattr(b, name)] for name in names})
+        names = [f.name for f in dataclasses.fields(GradientBatch)]
+        return GradientBatch(**{name: [x for b in batches for x in getattr(b, name)] for name in names})
 
-    def release(self, batch: Batch) -> None:
+    def release(self, batch: GradientBatch) -> None:
         self._handle().release(batch.slots)
-
-    def update(self, batch: Batch, step) -> bool:
-        """The server's publish protocol around one update: `step(out)` writes the new
-        parameters into `out` (the back buffer) and returns whether to publish them; then the
-        version is bumped (or not) and the batch's slots are released, whatever happened."""
-        h = self._handle()
-        back = h.begin_write()
-        ok = False
-        try:
-            ok = bool(step(self.params[back]))
-        finally:
-            h.end_write(ok)
-            h.release(batch.slots)
-        return ok
-
-    def apply(self, batch: Batch, param: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-              **adam) -> bool:
-        """Fused sum of the batch's gradients + Adam into the master `param`, the new parameters
-        written into the back buffer (in the same pass for a CPU master), then publish and release. Returns False, publishing
-        nothing, when the summed gradient was not finite."""
-
-        adam.setdefault("grad_bounds", batch.bounds)  # the pushers' bounds: one pass when finite
-
-        return self.update(batch, lambda out: fused_adam_step(param, exp_avg, exp_avg_sq, batch.grads,
-                                                              out=out, **adam))
 
     def slot_state(self, k: int) -> int:
         return self._handle().slot_state(k)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pyasgd import _ext
 from pyasgd.config import TrainConfig
 from pyasgd.optim import fused_adam_step
 from pyasgd.schedule import learning_rate
@@ -18,7 +19,8 @@ from pyasgd.schedule import learning_rate
 
 @dataclass
 class UpdateResult:
-    applied: bool
+    applied: bool      # the parameters changed
+    publish: bool      # publish a new version (an applied update; in sync mode, a skipped one too)
     lr: float
     dropped: int       # gradients discarded as too stale
     grad_norm: float | None = None
@@ -44,8 +46,19 @@ class Updater:
     def apply(self, grads: list[torch.Tensor], staleness: list[int], out: torch.Tensor | None = None,
               bounds: list[float] | None = None) -> UpdateResult:
         """One server update from `grads` (which the server owns: scaling happens in place).
-        `out`, when given, receives the new parameters (the region's back buffer). `bounds`
-        (max |g| per gradient, measured by the pushers) let the fused update skip its check pass."""
+        `out`, when given, receives the parameters to publish (the region's back buffer); publish
+        them when the result says so. `bounds` (max |g| per gradient, measured by the pushers)
+        let the fused update skip its check pass."""
+        res = self._apply(grads, staleness, out, bounds)
+        if not res.applied and self.config.mode == "sync":
+            # Everyone waits at the barrier for the next version: publish the unchanged
+            # parameters so they go on (a skipped or all-dropped update is still a round).
+            res.publish = True
+            if out is not None:
+                out.copy_(self.master)
+        return res
+
+    def _apply(self, grads, staleness, out, bounds) -> UpdateResult:
         c = self.config
         kept = list(range(len(grads)))
         if self.drop_after is not None:
@@ -54,7 +67,7 @@ class Updater:
         self.dropped += dropped
         lr = self.lr(self.step + 1)
         if not kept:
-            return UpdateResult(False, lr, dropped)
+            return UpdateResult(False, False, lr, dropped)
         use = [grads[i] for i in kept]
         use_bounds = [bounds[i] for i in kept] if bounds else None  # 1/staleness scaling keeps them valid
         if c.stale_policy == "scale":
@@ -81,7 +94,7 @@ class Updater:
             self.step += 1
         else:
             self.skipped += 1
-        return UpdateResult(ok, lr, dropped, norm)
+        return UpdateResult(ok, ok, lr, dropped, norm)
 
     def state_dict(self) -> dict:
         return {"params": self.master.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
@@ -105,7 +118,7 @@ def update_record(update: int, version: int, res: UpdateResult, staleness, token
 
 @dataclass
 class ServerArgs:
-    config: dict
+    config: TrainConfig
     region: str
     checkpoint_path: str
     resume_state: str = ""       # path of a checkpoint to start from
@@ -128,8 +141,10 @@ def server_main(args: ServerArgs) -> None:
 def _serve(args: ServerArgs) -> None:
     from pyasgd.exchange import RegionClosedError, RegionTimeoutError, SharedRegion
 
-    config = TrainConfig.from_dict(args.config)
-    os.environ.setdefault("PYASGD_NUM_THREADS", "1" if config.workers >= (os.cpu_count() or 1) else "2")
+    config = args.config
+    # The fused update is memory-bound: two threads saturate a socket's bandwidth, and where the
+    # workers already take every core, one thread keeps the server from stealing theirs.
+    _ext.set_cpu_threads(1 if config.workers >= (os.cpu_count() or 1) else 2)
     torch.set_num_threads(1)
     region = SharedRegion.attach(args.region, pin=config.server_device.startswith("cuda"))
     q = args.queue
@@ -153,7 +168,7 @@ def _serve(args: ServerArgs) -> None:
             cur = list(args.cursors[:]) if args.cursors is not None else []
             checkpoint.save_atomic({"server": up.state_dict(), "version": region.version,
                                     "cursors": torch.tensor(cur, dtype=torch.int64),
-                                    "config": args.config.__repr__()}, args.checkpoint_path)
+                                    "config": repr(config)}, args.checkpoint_path)
             q.put({"kind": "checkpoint", "update": up.step, "path": args.checkpoint_path})
 
         held = []  # gradients taken into the accumulation, one at a time in arrival order
@@ -172,17 +187,11 @@ def _serve(args: ServerArgs) -> None:
                 region.ack(taken)  # accumulated: its pusher may pull and go on
                 continue
             batch, held = SharedRegion.merge(held), []
-            holder = {}
-
-            def step(out):
-                holder["res"] = res = up.apply(batch.grads, batch.staleness, out, batch.bounds)
-                if not res.applied and config.mode == "sync":
-                    out.copy_(up.master)  # workers wait at the barrier: release them anyway
-                    return True
-                return res.applied
-
-            region.update(batch, step)  # publishes, then releases (acks) every slot in it
-            res = holder["res"]
+            back, res = region.begin_update(), None
+            try:
+                res = up.apply(batch.grads, batch.staleness, out=back, bounds=batch.bounds)
+            finally:  # publish (or not), then release (ack) every slot of the batch
+                region.end_update(batch, publish=res is not None and res.publish)
             q.put(update_record(up.step, region.version, res, batch.staleness, batch.tokens, batch.losses,
                                 batch.workers, t0))
             if res.applied and config.save_every and up.step % config.save_every == 0:

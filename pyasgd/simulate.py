@@ -20,9 +20,10 @@ import torch
 from pyasgd import checkpoint, rundir
 from pyasgd.config import TrainConfig
 from pyasgd.flat import FlatModel
-from pyasgd.metrics import RunLog
+from pyasgd.run import final_test, finish, local_gradient, next_validation, start_run, validate, validate_last
+from pyasgd.runlog import RunLog
 from pyasgd.server import Updater, update_record
-from pyasgd.tasks import Cursor, make_task
+from pyasgd.tasks import Cursor
 
 
 @dataclass
@@ -33,126 +34,134 @@ class VirtualWorker:
     next_time: float = 0.0
 
 
-def simulate(config: TrainConfig, run_dir: str, task=None) -> dict[str, Any]:
-    from pyasgd.launcher import final_test, start_run, validate  # shared with the real launcher
+class Simulation:
+    def __init__(self, config: TrainConfig, run_dir: str, task) -> None:
+        c = self.config = config
+        self.run_dir, self.task = run_dir, task
+        self.sync = c.mode == "sync"
+        torch.manual_seed(c.seed)
+        self.flat = FlatModel(task.build_model())
+        self.log = RunLog(run_dir, c, task)
+        self.up = Updater(c, self.flat.params)
+        self.published = self.up.master.clone()
+        self.version = 0
+        self.order = torch.Generator().manual_seed(c.seed * 31 + 7)
+        self.vws = [VirtualWorker(self.published.clone(), 0, Cursor()) for _ in range(c.workers)]
+        self.rr = 0  # next worker in round-robin order
+        self.ckpt_path = os.path.join(run_dir, rundir.CHECKPOINT)
+        if c.resume:
+            self.load()
+        elif c.sim_order == "normal":
+            for w in self.vws:
+                w.next_time = self.draw_time()
+        self.data = [task.batches(i, c.workers, w.cursor) for i, w in enumerate(self.vws)]
 
-    c = config
-    N, G, k, U = c.workers, c.G, c.local_accum, c.pull_every
-    sync = c.mode == "sync"
-    torch.manual_seed(c.seed)
-    task = task or make_task(c)
-    flat = FlatModel(task.build_model())
-    log = RunLog(run_dir, c, task)
-    start_run(task, run_dir, c.quiet)
-    up = Updater(c, flat.params)
-    published = up.master.clone()
-    version = 0
-    order = torch.Generator().manual_seed(c.seed * 31 + 7)
-    vws = [VirtualWorker(published.clone(), 0, Cursor()) for _ in range(N)]
-    rr = 0  # next worker in round-robin order
-    ckpt_path = os.path.join(run_dir, rundir.CHECKPOINT)
-
-    def draw_time() -> float:
-        return max(0.05, 1.0 + c.sim_time_std * float(torch.randn(1, generator=order)))
-
-    if c.resume:
-        st = checkpoint.load(ckpt_path)
-        up.load_state_dict(st["server"])
-        sim = st["sim"]
-        published.copy_(sim["published"])
-        version, rr = int(sim["version"]), int(sim["rr"])
-        for i, w in enumerate(vws):
-            w.params.copy_(sim["params"][i])
-            w.pulled = int(sim["pulled"][i])
-            w.cursor = Cursor(int(sim["cursors"][i][0]), int(sim["cursors"][i][1]))
-            w.next_time = float(sim["next_time"][i])
-        order.set_state(sim["order_rng"])
-        torch.set_rng_state(sim["torch_rng"])
-        log.updates = up.step
-    elif c.sim_order == "normal":
-        for w in vws:
-            w.next_time = draw_time()
-    data = [task.batches(i, N, vws[i].cursor) for i in range(N)]
-
-    def save() -> None:
-        checkpoint.save_atomic({"server": up.state_dict(), "sim": {
-            "published": published, "version": version, "rr": rr,
+    # -- state ----------------------------------------------------------------------------------
+    def save(self) -> None:
+        vws = self.vws
+        checkpoint.save_atomic({"server": self.up.state_dict(), "sim": {
+            "published": self.published, "version": self.version, "rr": self.rr,
             "params": torch.stack([w.params for w in vws]),
             "pulled": torch.tensor([w.pulled for w in vws]),
             "cursors": torch.tensor([[w.cursor.epoch, w.cursor.index] for w in vws]),
             "next_time": torch.tensor([w.next_time for w in vws], dtype=torch.float64),
-            "order_rng": order.get_state(), "torch_rng": torch.get_rng_state()}}, ckpt_path)
+            "order_rng": self.order.get_state(), "torch_rng": torch.get_rng_state()}}, self.ckpt_path)
 
-    def compute(i: int) -> tuple[torch.Tensor, int, float]:
-        """Worker i's (summed over k batches) gradient on the parameters it last pulled."""
-        w = vws[i]
-        flat.params.copy_(w.params)
-        flat.zero_grad()
-        tokens, loss_sum = 0, 0.0
-        for _ in range(k):
-            batch, w.cursor = next(data[i])
-            loss, n = task.loss(flat.model, batch)
-            loss.backward()
-            tokens += n
-            loss_sum += loss.item()
-        return flat.grads.clone(), tokens, loss_sum
+    def load(self) -> None:
+        st = checkpoint.load(self.ckpt_path)
+        self.up.load_state_dict(st["server"])
+        sim = st["sim"]
+        self.published.copy_(sim["published"])
+        self.version, self.rr = int(sim["version"]), int(sim["rr"])
+        for i, w in enumerate(self.vws):
+            w.params.copy_(sim["params"][i])
+            w.pulled = int(sim["pulled"][i])
+            w.cursor = Cursor(int(sim["cursors"][i][0]), int(sim["cursors"][i][1]))
+            w.next_time = float(sim["next_time"][i])
+        self.order.set_state(sim["order_rng"])
+        torch.set_rng_state(sim["torch_rng"])
+        self.log.updates = self.up.step
 
-    def next_worker() -> int:
-        nonlocal rr
-        if c.sim_order == "round-robin" or sync:
-            i, rr = rr, (rr + 1) % N
+    # -- the virtual workers --------------------------------------------------------------------
+    def draw_time(self) -> float:
+        return max(0.05, 1.0 + self.config.sim_time_std * float(torch.randn(1, generator=self.order)))
+
+    def next_worker(self) -> int:
+        if self.config.sim_order == "round-robin" or self.sync:
+            i, self.rr = self.rr, (self.rr + 1) % self.config.workers
             return i
-        i = min(range(N), key=lambda j: (vws[j].next_time, j))
-        vws[i].next_time += draw_time()
+        i = min(range(self.config.workers), key=lambda j: (self.vws[j].next_time, j))
+        self.vws[i].next_time += self.draw_time()
         return i
 
-    def pull_if_due(i: int) -> None:
-        w = vws[i]
-        if version - w.pulled >= U:
-            w.params.copy_(published)
-            w.pulled = version
+    def compute(self, i: int) -> tuple[torch.Tensor, int, float]:
+        """Worker i's (locally accumulated) gradient on the parameters it last pulled."""
+        w = self.vws[i]
+        self.flat.params.copy_(w.params)
+        tokens, loss_sum, w.cursor = local_gradient(self.task, self.flat, self.data[i], self.config.local_accum)
+        return self.flat.grads.clone(), tokens, loss_sum
 
-    start, t0 = time.monotonic(), time.monotonic()
-    pending: list[tuple[torch.Tensor, int, int, float, int]] = []  # grad, version, tokens, loss, worker
-    next_valid = (up.step // c.valid_every + 1) * c.valid_every if c.valid_every else None
-    stopped_because = ""
-    while not stopped_because:
-        i = next_worker()
-        grad, tokens, loss_sum = compute(i)
-        pending.append((grad, vws[i].pulled, tokens, loss_sum, i))
-        if len(pending) == G:
-            staleness = [version - p[1] for p in pending]
-            res = up.apply([p[0] for p in pending], staleness, out=published)
-            if res.applied or sync:
-                version += 1  # sync: the barrier releases the workers even after a skipped step
-            log.on_update(update_record(up.step, version, res, staleness, [p[2] for p in pending],
-                                        [p[3] for p in pending], [p[4] for p in pending], t0))
-            pending = []
-            if sync:
-                for j in range(N):
-                    pull_if_due(j)
-            if res.applied:
-                if c.save_every and up.step % c.save_every == 0:
-                    save()
-                if next_valid is not None and up.step >= next_valid:
-                    flat.params.copy_(published)
-                    validate(task, flat, log, run_dir, up.step, version)
-                    next_valid = (up.step // c.valid_every + 1) * c.valid_every
-                    stopped_because = "patience" if log.out_of_patience else ""
-                if c.max_updates and up.step >= c.max_updates:
-                    stopped_because = "max_updates"
-            if c.max_epochs and any(w.cursor.epoch >= c.max_epochs for w in vws):
-                stopped_because = stopped_because or "max_epochs"
-            if c.max_time and time.monotonic() - start >= c.max_time:
-                stopped_because = stopped_because or "max_time"
-        if not sync:
-            pull_if_due(i)
-    save()
-    wall = time.monotonic() - start
-    if not log.valid or log.valid[-1]["update"] != up.step:
-        flat.params.copy_(published)
-        validate(task, flat, log, run_dir, up.step, version)
-    summary = log.summary(stopped_because=stopped_because, wall_s=wall, extra=final_test(task, flat, run_dir))
-    rundir.write_json(os.path.join(run_dir, "summary.json"), summary)
-    log.close()
-    return summary
+    def pull_if_due(self, i: int) -> None:
+        w = self.vws[i]
+        if self.version - w.pulled >= self.config.pull_every:
+            w.params.copy_(self.published)
+            w.pulled = self.version
+
+    def validate(self) -> None:
+        self.flat.params.copy_(self.published)
+        validate(self.task, self.flat, self.log, self.run_dir, self.up.step, self.version)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        try:
+            return self._run()
+        finally:
+            self.log.close()
+
+    def _run(self) -> dict[str, Any]:
+        c, up, log = self.config, self.up, self.log
+        start_run(self.task, self.run_dir, c.quiet)
+        start = t0 = time.monotonic()
+        pending: list[tuple[torch.Tensor, int, int, float, int]] = []  # grad, version, tokens, loss, worker
+        next_valid = next_validation(up.step, c.valid_every)
+        stopped_because = ""
+        while not stopped_because:
+            i = self.next_worker()
+            grad, tokens, loss_sum = self.compute(i)
+            pending.append((grad, self.vws[i].pulled, tokens, loss_sum, i))
+            if len(pending) == c.G:
+                staleness = [self.version - p[1] for p in pending]
+                res = up.apply([p[0] for p in pending], staleness, out=self.published)
+                if res.publish:
+                    self.version += 1
+                log.on_update(update_record(up.step, self.version, res, staleness, [p[2] for p in pending],
+                                            [p[3] for p in pending], [p[4] for p in pending], t0))
+                pending = []
+                if self.sync:  # the barrier: everyone pulls the new version (if due)
+                    for j in range(c.workers):
+                        self.pull_if_due(j)
+                if res.applied:
+                    if c.save_every and up.step % c.save_every == 0:
+                        self.save()
+                    if next_valid is not None and up.step >= next_valid:
+                        self.validate()
+                        next_valid = next_validation(up.step, c.valid_every)
+                        stopped_because = "patience" if log.out_of_patience else ""
+                    if c.max_updates and up.step >= c.max_updates:
+                        stopped_because = "max_updates"
+                if c.max_epochs and any(w.cursor.epoch >= c.max_epochs for w in self.vws):
+                    stopped_because = stopped_because or "max_epochs"
+                if c.max_time and time.monotonic() - start >= c.max_time:
+                    stopped_because = stopped_because or "max_time"
+            if not self.sync:
+                self.pull_if_due(i)
+        self.save()
+        wall = time.monotonic() - start
+        self.flat.params.copy_(self.published)
+        validate_last(self.task, self.flat, log, self.run_dir, up.step, self.version)
+        return finish(log, self.run_dir, stopped_because=stopped_because, wall_s=wall,
+                      extra=final_test(self.task, self.flat, self.run_dir))
+
+
+def simulate(config: TrainConfig, run_dir: str, task) -> dict[str, Any]:
+    return Simulation(config, run_dir, task).run()

@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
+from pyasgd import _ext
 from pyasgd.config import TrainConfig
+from pyasgd.run import local_gradient
 
 
 @dataclass
 class WorkerArgs:
     rank: int
-    config: dict
+    config: TrainConfig
     region: str
     cursors: object       # mp.Array of 2N int64: (epoch, index) of each worker's next batch
     stop: object          # mp.Event
@@ -27,9 +29,9 @@ class WorkerArgs:
 
 def worker_main(args: WorkerArgs) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher coordinates shutdown
-    config = TrainConfig.from_dict(args.config)
+    config = args.config
     threads = config.worker_threads()
-    os.environ["PYASGD_NUM_THREADS"] = str(threads)  # before the extension's pool starts
+    _ext.set_cpu_threads(threads)  # the push's copy runs on the kernels' pool
     torch.set_num_threads(threads)
     try:
         _work(args, config)
@@ -78,14 +80,7 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
         wait_s += time.monotonic() - t
         while not args.stop.is_set():
             t = time.monotonic()
-            flat.zero_grad()
-            tokens, loss_sum = 0, 0.0
-            for _ in range(k):
-                batch, cursor = next(data)
-                loss, n = task.loss(model, task.batch_to(batch, device))
-                loss.backward()
-                tokens += n
-                loss_sum += loss.item()
+            tokens, loss_sum, cursor = local_gradient(task, flat, data, k, device)
             t2 = time.monotonic()
             compute_s += t2 - t
             region.push(flat.grads, version=pulled, tokens=tokens, worker=rank, loss=loss_sum,

@@ -1,5 +1,8 @@
-"""Shared fixtures: the device list every kernel test body runs on, and the shm leak guard."""
+"""Shared fixtures: the device list every kernel test body runs on, the shm leak guard, and
+console-script entry points run in-process."""
+import io
 import os
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -50,3 +53,27 @@ def no_leaked_segments():
     yield
     leaked = sorted(n for n in _segments() - before if _ours(n))
     assert not leaked, f"test leaked shared-memory segments: {leaked}"
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+    """Run a console script's main(argv) in this process, as its entry point would (an
+    argparse error's SystemExit becomes the exit code): no interpreter start, no torch import."""
+    def run(main, *argv, stdin=None):
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        out, err = capsys.readouterr()
+        return CliResult(code, out, err)
+    return run

@@ -55,11 +55,11 @@ def test_simulator_staleness_is_exactly_the_papers(tmp_path, case):
     kw, expected = PAPER_STALENESS[case]
     skip, window = 20, 420  # 420 covers whole cycles of every pattern (lengths 1, 2, 4, 5, 7)
     summary = train(cfg(tmp_path, simulate=True, max_updates=skip + window, **kw))
-    ups = records(summary_dir := str(tmp_path / "run"), "update")[skip:]
+    ups = records(str(tmp_path / "run"), "update")[skip:]
     assert len(ups) == window
     values = [s for r in ups for s in r["staleness"]]
     assert sum(values) / len(values) == expected
-    assert summary["updates"] == skip + window and summary_dir
+    assert summary["updates"] == skip + window
 
 
 METHODS = {
@@ -70,10 +70,19 @@ METHODS = {
     "combined": dict(mode="async", local_accum=2, global_accum=2),
     "pull-every 3": dict(mode="async", pull_every=3, global_accum=1),
     "sync pull-every 3": dict(mode="sync", pull_every=3),
-    "scale": dict(mode="async", stale_policy="scale", global_accum=1),
+    # varying staleness: scaling by a constant 1/3 would be (almost) invisible to Adam
+    "scale": dict(mode="async", stale_policy="scale", global_accum=1, sim_order="normal"),
     "drop:2": dict(mode="async", stale_policy="drop:2", pull_every=2, global_accum=1),
     "clip + adamw": dict(mode="async", global_accum=2, clip_norm=1.0, weight_decay=0.01, decoupled=True),
     "normal order": dict(mode="async", global_accum=2, sim_order="normal"),
+}
+
+
+# The same method without its policy: a policy must change the run, not only leave it converging.
+WITHOUT_POLICY = {
+    "scale": dict(stale_policy="none"),
+    "drop:2": dict(stale_policy="none"),
+    "clip + adamw": dict(clip_norm=0.0, weight_decay=0.0, decoupled=False),
 }
 
 
@@ -87,6 +96,13 @@ def test_every_method_converges_in_the_simulator(tmp_path, method):
     assert summary["final_valid"]["accuracy"] > 0.6
     if method == "drop:2":
         assert summary["dropped_gradients"] > 0
+    if method == "clip + adamw":  # the norm is measured on every update, and clipping bit
+        norms = [r["grad_norm"] for r in ups]
+        assert len(norms) == len(ups) and max(norms) > 1.0
+    if method in WITHOUT_POLICY:  # the simulator is deterministic: any difference is the policy's
+        train(cfg(tmp_path, "twin", simulate=True, max_updates=400, **{**METHODS[method], **WITHOUT_POLICY[method]}))
+        ours, twin = (checkpoint.load(str(tmp_path / d / "checkpoint.pt"))["server"]["params"] for d in ("run", "twin"))
+        assert not torch.equal(ours, twin), f"{method} changed nothing"
 
 
 def test_simulator_is_deterministic_and_resumes_bit_for_bit(tmp_path):
@@ -191,9 +207,12 @@ def test_worker_raising_stops_the_run(tmp_path, monkeypatch):
 
 # --- the CLI, as a user runs it -------------------------------------------------------------------
 
-def cli(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "pyasgd.cli", "--task", "synthetic", "--lr", "2e-3", "--warmup", "50", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300, **kw)
+@pytest.fixture
+def cli(run_main):
+    """pyasgd-train's main() in this process, on the synthetic task."""
+    from pyasgd.cli import main
+
+    return lambda *args: run_main(main, "--task", "synthetic", "--lr", "2e-3", "--warmup", "50", *args)
 
 
 def children(pid):
@@ -265,7 +284,7 @@ def test_killed_worker_fails_the_run_cleanly(tmp_path):
     assert_all_gone(kids)
 
 
-def test_cli_runs_a_simulation_and_writes_the_run_directory(tmp_path):
+def test_cli_runs_a_simulation_and_writes_the_run_directory(tmp_path, cli):
     r = cli("--simulate", "--workers", "4", "--global-accum", "2", "--max-updates", "50", "--quiet",
             "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
@@ -277,7 +296,7 @@ def test_cli_runs_a_simulation_and_writes_the_run_directory(tmp_path):
     assert again.global_accum == 2 and again.workers == 4 and again.simulate
 
 
-def test_cli_loads_toml_and_options_override_it(tmp_path):
+def test_cli_loads_toml_and_options_override_it(tmp_path, cli):
     toml = tmp_path / "run.toml"
     toml.write_text('mode = "sync"\nworkers = 3\nmax-updates = 7\nbeta2 = 0.99\n')
     r = cli("--config", str(toml), "--simulate", "--max-updates", "9", "--quiet", "--out", str(tmp_path / "run"))
@@ -298,7 +317,7 @@ def test_cli_loads_toml_and_options_override_it(tmp_path):
     (["--stale-policy", "drop:x"], "--stale-policy"),
     (["--mode", "semi"], "--mode"),
 ])
-def test_cli_rejects_bad_settings_before_starting(tmp_path, args, option):
+def test_cli_rejects_bad_settings_before_starting(tmp_path, cli, args, option):
     if option == "--devices" and "cuda:0" in args and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     r = cli(*args, "--out", str(tmp_path / "run"))
@@ -307,7 +326,7 @@ def test_cli_rejects_bad_settings_before_starting(tmp_path, args, option):
     assert not (tmp_path / "run").exists()  # nothing was started or written
 
 
-def test_cli_refuses_an_out_directory_holding_another_run(tmp_path):
+def test_cli_refuses_an_out_directory_holding_another_run(tmp_path, cli):
     assert cli("--simulate", "--max-updates", "5", "--quiet", "--out", str(tmp_path / "run")).returncode == 0
     before = read_text(tmp_path / "run" / "summary.json")
     r = cli("--simulate", "--max-updates", "5", "--quiet", "--out", str(tmp_path / "run"))

@@ -3,8 +3,6 @@ BLEU, and a short end-to-end run with real processes."""
 import json
 import os
 import sqlite3
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -52,7 +50,7 @@ def make_db(path):
     c.close()
 
 
-def test_bible_extraction_on_a_small_database(tmp_path):
+def test_bible_extraction_on_a_small_database(tmp_path, run_main):
     db = str(tmp_path / "bible.db")
     make_db(db)
     splits = bible.extract(db, "4", "e")
@@ -60,13 +58,11 @@ def test_bible_extraction_on_a_small_database(tmp_path):
                                ("Same verse.", "Gleicher Vers.")]  # cleaned, empty and duplicate dropped
     assert splits["dev"] == [("Romans verse.", "Römer."), ("Same verse.", "Gleicher Vers.")]  # no dedupe
     assert splits["test"] == [("Acts verse.", "Apostelgeschichte.")]
-    r = subprocess.run([sys.executable, "-m", "pyasgd.data.bible", "bible", "--db", db, "--src", "4", "--tgt", "e",
-                        "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    r = run_main(bible.main, "bible", "--db", db, "--src", "4", "--tgt", "e", "--out", tmp_path / "out")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "train.4").read_text(encoding="utf-8").splitlines()[1] == "Same verse."
     assert (tmp_path / "out" / "dev.e").read_text(encoding="utf-8").splitlines() == ["Römer.", "Gleicher Vers."]
-    r = subprocess.run([sys.executable, "-m", "pyasgd.data.bible", "bible", "--db", db, "--src", "4", "--tgt", "q",
-                        "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    r = run_main(bible.main, "bible", "--db", db, "--src", "4", "--tgt", "q", "--out", tmp_path / "bad")
     assert r.returncode == 2 and "--tgt: no translation 'q'" in r.stderr and not (tmp_path / "bad").exists()
 
 
@@ -114,7 +110,9 @@ def user_corpus(tmp_path, pairs, n_train=300, n_dev=40):
     ("vocab", "larger than this training text supports"),
     ("mismatch", "has 3 lines but"),
 ])
-def test_bad_corpus_fails_before_a_run_directory_exists(tmp_path, problem, message):
+def test_bad_corpus_fails_before_a_run_directory_exists(tmp_path, problem, message, run_main, monkeypatch):
+    from pyasgd.cli import main
+
     train_en = write_lines(tmp_path / "t.en", ["a b c", "d e f", "g h"])
     train_de = write_lines(tmp_path / "t.de", ["x y z", "u v w", "r s"])
     dev = write_lines(tmp_path / "d.txt", ["a b"])
@@ -127,8 +125,8 @@ def test_bad_corpus_fails_before_a_run_directory_exists(tmp_path, problem, messa
         args[-1] = "5000"
     if problem == "mismatch":
         args[3] = write_lines(tmp_path / "m.de", ["x"])
-    r = subprocess.run([sys.executable, "-m", "pyasgd.cli", *args, "--max-time", "5", "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, env={**os.environ, "PYASGD_CACHE": str(tmp_path / "c")})
+    monkeypatch.setenv("PYASGD_CACHE", str(tmp_path / "c"))
+    r = run_main(main, *args, "--max-time", "5", "--out", tmp_path / "run")
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "run").exists()
 
@@ -205,13 +203,16 @@ def test_bleu_of_references_against_themselves_is_100(small_pairs):
 # --- end to end -------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_short_end_to_end_run_and_translate(tmp_path, small_pairs):
+def test_short_end_to_end_run_and_translate(tmp_path, small_pairs, run_main):
+    from pyasgd.cli import main as train_main
+    from pyasgd.translate_cli import main as translate_main
+
     files = user_corpus(tmp_path, small_pairs)
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "pyasgd.cli", *[x for k, v in files.items() for x in (f"--{k.replace('_', '-')}", v)],
-                        "--vocab-size", "400", "--max-len", "60", "--batch-tokens", "1200", "--workers", "2",
-                        "--max-updates", "0", "--max-time", "20", "--valid-every", "40", "--bleu-targets", "0,99",
-                        "--quiet", "--out", str(out)], capture_output=True, text=True, timeout=240)
+    r = run_main(train_main, *[x for k, v in files.items() for x in (f"--{k.replace('_', '-')}", v)],
+                 "--vocab-size", "400", "--max-len", "60", "--batch-tokens", "1200", "--workers", "2",
+                 "--max-updates", "0", "--max-time", "20", "--valid-every", "40", "--bleu-targets", "0,99",
+                 "--quiet", "--out", out)
     assert r.returncode == 0, r.stderr
     summary = json.loads((out / "summary.json").read_text())
     for key in ("mode", "workers", "local_accum", "global_accum", "pull_every", "updates", "tokens", "wall_s",
@@ -224,10 +225,8 @@ def test_short_end_to_end_run_and_translate(tmp_path, small_pairs):
     assert {"spm.model", "best.pt", "checkpoint.pt", "sacrebleu.txt", "config.json", "metrics.jsonl"} <= set(os.listdir(out))
     assert "BLEU|" in (out / "sacrebleu.txt").read_text() or "nrefs" in (out / "sacrebleu.txt").read_text()
     src = [s for s, _ in small_pairs["dev"][:5]]
-    t = subprocess.run([sys.executable, "-m", "pyasgd.translate", "--checkpoint", str(out)], input="\n".join(src) + "\n",
-                       capture_output=True, text=True, timeout=120)
+    t = run_main(translate_main, "--checkpoint", out, stdin="\n".join(src) + "\n")
     assert t.returncode == 0, t.stderr
     assert len(t.stdout.splitlines()) == 5
-    bad = subprocess.run([sys.executable, "-m", "pyasgd.translate", "--checkpoint", str(tmp_path)], input="x\n",
-                         capture_output=True, text=True)
+    bad = run_main(translate_main, "--checkpoint", tmp_path, stdin="x\n")
     assert bad.returncode == 2 and "not a translation run directory" in bad.stderr

@@ -12,17 +12,18 @@ from pyasgd.data.subword import BOS, EOS, PAD
 
 
 @dataclass
-class Batch:
+class SentenceBatch:
+    """Padded sentence pairs of one training batch (token ids), as the translation model reads them."""
     src: torch.Tensor      # (B, S) source ids, PAD-padded
     tgt_in: torch.Tensor   # (B, T) BOS + target
     tgt_out: torch.Tensor  # (B, T) target + EOS
     tokens: int            # target tokens (with EOS)
 
-    def to(self, device) -> "Batch":
-        return Batch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.tokens)
+    def to(self, device) -> "SentenceBatch":
+        return SentenceBatch(self.src.to(device), self.tgt_in.to(device), self.tgt_out.to(device), self.tokens)
 
 
-def collate(src: list[list[int]], tgt: list[list[int]]) -> Batch:
+def collate(src: list[list[int]], tgt: list[list[int]]) -> SentenceBatch:
     B, S, T = len(src), max(map(len, src)), max(map(len, tgt)) + 1
     s = torch.full((B, S), PAD, dtype=torch.long)
     ti = torch.full((B, T), PAD, dtype=torch.long)
@@ -31,7 +32,7 @@ def collate(src: list[list[int]], tgt: list[list[int]]) -> Batch:
         s[i, :len(a)] = torch.tensor(a)
         ti[i, :len(b) + 1] = torch.tensor([BOS] + b)
         to[i, :len(b) + 1] = torch.tensor(b + [EOS])
-    return Batch(s, ti, to, sum(len(b) + 1 for b in tgt))
+    return SentenceBatch(s, ti, to, sum(len(b) + 1 for b in tgt))
 
 
 def epoch_batches(src_lens: list[int], tgt_lens: list[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
@@ -56,7 +57,7 @@ def epoch_batches(src_lens: list[int], tgt_lens: list[int], batch_tokens: int, s
 
 
 def worker_batches(src: list[list[int]], tgt: list[list[int]], batch_tokens: int, seed: int, worker: int,
-                   workers: int, epoch: int, index: int) -> Iterator[tuple[Batch, int, int]]:
+                   workers: int, epoch: int, index: int) -> Iterator[tuple[SentenceBatch, int, int]]:
     """Worker's batches from (epoch, index) on, forever; yields (batch, next epoch, next index)."""
     src_lens, tgt_lens = [len(s) for s in src], [len(t) for t in tgt]
     while True:

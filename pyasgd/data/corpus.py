@@ -5,12 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from pyasgd.config import ConfigError
 from pyasgd.data import bible
-
-
-class CorpusError(ConfigError):
-    """A corpus that cannot be used; the message names the file and what to fix."""
+from pyasgd.errors import CorpusError
 
 
 @dataclass

@@ -32,7 +32,7 @@ class Subwords:
 
 
 def train_or_load(pairs: list[tuple[str, str]], vocab_size: int) -> Subwords:
-    from pyasgd.data.corpus import CorpusError
+    from pyasgd.errors import CorpusError
 
     h = hashlib.sha256(f"spm1|{vocab_size}|".encode())
     for s, t in pairs:

@@ -40,6 +40,13 @@ def model_config(preset: str, **overrides) -> ModelConfig:
     return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
+def model_config_from(config) -> ModelConfig:
+    """The model a TrainConfig asks for: its preset with the options it overrides."""
+    c = config
+    return model_config(c.preset, dropout=c.dropout, rnn_cell=c.rnn_cell, positions=c.positions or None,
+                        prenorm=c.prenorm)
+
+
 def build(cfg: ModelConfig, vocab: int) -> nn.Module:
     if cfg.arch == "transformer":
         from pyasgd.models.transformer import Transformer

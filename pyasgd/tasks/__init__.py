@@ -1,65 +1,12 @@
-"""The Task interface: everything the trainer needs to know about what it trains. The trainer
-knows nothing about translation; a task builds the model, yields each worker's batches, computes
-a batch's summed loss and evaluates a model."""
+"""Tasks: what the trainer trains. The trainer knows nothing about translation; it talks to a
+`Task` (pyasgd/tasks/base.py), built here from the config."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Iterator
-
-import torch
-
 from pyasgd.config import TrainConfig
+from pyasgd.errors import ConfigError
+from pyasgd.tasks.base import Cursor, Task
 
-
-@dataclass
-class Cursor:
-    """Where a worker is in its data: the epoch and the next batch within its shard."""
-    epoch: int = 0
-    index: int = 0
-
-
-class Task:
-    """Base class. Subclasses set `primary` (the metric early stopping and best-checkpointing
-    use), `higher_is_better`, and implement the four methods."""
-
-    primary: str = "loss"
-    higher_is_better: bool = False
-    has_bleu: bool = False
-
-    def __init__(self, config: TrainConfig) -> None:
-        self.config = config
-
-    def build_model(self) -> torch.nn.Module:
-        """The model, initialised from config.seed (identical in every process)."""
-        raise NotImplementedError
-
-    def batches(self, worker: int, workers: int, cursor: Cursor) -> Iterator[tuple[Any, Cursor]]:
-        """Worker `worker` of `workers`' batches from `cursor` on, forever, each with the cursor
-        of the batch after it. Each worker reads its own share of every epoch."""
-        raise NotImplementedError
-
-    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
-        """(loss summed over target tokens, number of target tokens)."""
-        raise NotImplementedError
-
-    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
-        """Validation metrics; must include `primary`."""
-        raise NotImplementedError
-
-    def final_test(self, model: torch.nn.Module) -> dict[str, Any]:
-        """Metrics on the test set at the end of training (empty when the task has none)."""
-        return {}
-
-    def describe(self) -> str:
-        """One line on the data, printed when a run starts."""
-        return ""
-
-    def artifacts(self) -> dict[str, str]:
-        """Files a run directory should keep a copy of (name -> path), e.g. the subword model."""
-        return {}
-
-    def batch_to(self, batch: Any, device: torch.device) -> Any:
-        return batch.to(device) if isinstance(batch, torch.Tensor) else batch
+__all__ = ["Cursor", "Task", "make_task"]
 
 
 def make_task(config: TrainConfig) -> Task:
@@ -70,6 +17,4 @@ def make_task(config: TrainConfig) -> Task:
     try:
         return tasks[config.task](config)
     except KeyError:
-        from pyasgd.config import ConfigError
-
         raise ConfigError(f"--task: unknown task {config.task!r}; choose one of {', '.join(tasks)}") from None

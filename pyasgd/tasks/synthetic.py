@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pyasgd.tasks import Cursor, Task
+from pyasgd.tasks.base import Cursor, Task
 
 
 class PairSumModel(nn.Module):

@@ -2,6 +2,7 @@
 Transformer or RNN, label-smoothed loss summed over target tokens, BLEU and chrF with sacrebleu."""
 from __future__ import annotations
 
+import os
 from typing import Any, Iterator
 
 import torch
@@ -11,9 +12,12 @@ from torch import nn
 from pyasgd.data import corpus as corpus_mod
 from pyasgd.data.batching import worker_batches
 from pyasgd.data.subword import PAD, train_or_load
-from pyasgd.models import build, model_config
+from pyasgd.models import build, model_config_from
 from pyasgd.models.search import beam_search, greedy
-from pyasgd.tasks import Cursor, Task
+from pyasgd.tasks.base import Cursor, Task
+
+SUBWORD_MODEL = "spm.model"     # the run directory's copy of the subword model
+SACREBLEU = "sacrebleu.txt"     # the BLEU and chrF signatures of the final test
 
 
 @torch.no_grad()
@@ -46,7 +50,6 @@ def translate(model: nn.Module, subwords, sentences: list[str], beam: int = 1, a
 class TranslationTask(Task):
     primary = "bleu"
     higher_is_better = True
-    has_bleu = True
 
     def __init__(self, config) -> None:
         super().__init__(config)
@@ -62,8 +65,7 @@ class TranslationTask(Task):
             raise corpus_mod.CorpusError(f"no training pair fits --max-len {c.max_len} subwords; raise --max-len")
         self.train_src = [src[i] for i in keep]
         self.train_tgt = [tgt[i] for i in keep]
-        self.model_cfg = model_config(c.preset, dropout=c.dropout, rnn_cell=c.rnn_cell,
-                                      positions=c.positions or None, prenorm=c.prenorm)
+        self.model_cfg = model_config_from(c)
 
     def describe(self) -> str:
         c = self.corpus
@@ -73,7 +75,7 @@ class TranslationTask(Task):
                 f"model {self.config.preset}")
 
     def artifacts(self) -> dict[str, str]:
-        return {"spm.model": self.subwords.path}
+        return {SUBWORD_MODEL: self.subwords.path}
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.config.seed)
@@ -84,9 +86,6 @@ class TranslationTask(Task):
         for batch, epoch, index in worker_batches(self.train_src, self.train_tgt, c.batch_tokens, c.seed,
                                                   worker, workers, cursor.epoch, cursor.index):
             yield batch, Cursor(epoch, index)
-
-    def batch_to(self, batch, device):
-        return batch.to(device)
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
         logits = model(batch.src, batch.tgt_in)
@@ -115,10 +114,15 @@ class TranslationTask(Task):
             dev = dev[:self.config.valid_sentences]
         return self._score(model, dev)
 
-    def final_test(self, model: nn.Module) -> dict[str, Any]:
+    def final_test(self, model: nn.Module, run_dir: str) -> dict[str, Any]:
         pairs = self.corpus.test or self.corpus.dev  # the signature needs a scored corpus
         scores = self._score(model, pairs, signatures=True)
         out = {k: scores[k] for k in ("bleu_signature", "chrf_signature")}
+        with open(os.path.join(run_dir, SACREBLEU), "w", encoding="utf-8") as f:
+            f.write(f"{out['bleu_signature']}\n{out['chrf_signature']}\n")
         if self.corpus.test:
             out.update(test_bleu=scores["bleu"], test_chrf=scores["chrf"])
         return out
+
+    def summary_fields(self, best: float | None, time_to_target: dict[str, Any]) -> dict[str, Any]:
+        return {"best_valid_bleu": best, "time_to_bleu": time_to_target}

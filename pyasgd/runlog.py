@@ -1,5 +1,6 @@
-"""What a run measures and writes: metrics.jsonl (one JSON object per line, each with a "kind"),
-the staleness histogram, words per second, validation with early stopping, and summary.json."""
+"""RunLog: what a run measures and writes: metrics.jsonl (one JSON object per line, each with a
+"kind"), the staleness histogram, words per second, validation with early stopping, and the
+summary. It knows no task's metrics: the task names its primary metric and adds its own fields."""
 from __future__ import annotations
 
 import json
@@ -8,13 +9,21 @@ import time
 from collections import Counter
 from typing import Any
 
+from pyasgd import rundir
+
+# The summary fields DESIGN.md promises in every summary.json; a task that does not measure one
+# (the synthetic task has no BLEU) writes null.
+REQUIRED_SUMMARY_KEYS = ("mode", "workers", "local_accum", "global_accum", "pull_every", "updates", "tokens",
+                         "wall_s", "wps", "avg_staleness", "staleness_hist", "best_valid_bleu", "test_bleu",
+                         "stopped_because")
+
 
 class RunLog:
     def __init__(self, run_dir: str, config, task) -> None:
         self.run_dir = run_dir
         self.config = config
         self.task = task
-        self._f = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
+        self._f = open(os.path.join(run_dir, rundir.METRICS), "a", encoding="utf-8")
         self.t0 = time.monotonic()
         self.staleness: Counter[int] = Counter()
         self.updates = 0
@@ -62,7 +71,7 @@ class RunLog:
         self.valid.append(rec)
         score = metrics[self.task.primary]
         for t, hit in self.targets.items():
-            if hit is None and score >= t:
+            if hit is None and (score >= t if self.task.higher_is_better else score <= t):
                 self.targets[t] = {"wall_s": rec["time"], "update": update}
         better = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
         if better:
@@ -112,15 +121,14 @@ class RunLog:
             "best_valid": self.best, "best_valid_update": self.best_update,
             "primary_metric": self.task.primary,
             "final_valid": self.valid[-1] if self.valid else None,
-            "best_valid_bleu": self.best if self.task.has_bleu else None,
-            "test_bleu": None,
-            "time_to_bleu" if self.task.has_bleu else "time_to_target":
-                {f"{t:g}": hit for t, hit in self.targets.items()},
+            "time_to_target": {f"{t:g}": hit for t, hit in self.targets.items()},
             "stopped_because": stopped_because,
             "run_dir": self.run_dir,
         }
-        if extra:
-            s.update(extra)
+        s.update(self.task.summary_fields(self.best, s["time_to_target"]))
+        s.update(extra or {})
+        for key in REQUIRED_SUMMARY_KEYS:
+            s.setdefault(key, None)
         return s
 
     def close(self) -> None:

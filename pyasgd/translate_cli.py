@@ -6,10 +6,10 @@
 Reads the run's config.json, its subword model (spm.model) and its best validated parameters
 (best.pt; --last takes the last checkpoint instead).
 """
+# The command line only: decoding itself is pyasgd.tasks.translation.translate().
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -17,27 +17,27 @@ import torch
 
 
 def load_translator(run_dir: str, last: bool = False):
-    from pyasgd import checkpoint
+    from pyasgd import checkpoint, rundir
     from pyasgd.config import TrainConfig
     from pyasgd.data.subword import Subwords
     from pyasgd.flat import FlatModel
-    from pyasgd.models import build, model_config
+    from pyasgd.models import build, model_config_from
+    from pyasgd.tasks.translation import SUBWORD_MODEL
 
-    for name in ("config.json", "spm.model"):
+    for name in (rundir.CONFIG, SUBWORD_MODEL):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise FileNotFoundError(f"{run_dir} is not a translation run directory (no {name})")
-    with open(os.path.join(run_dir, "config.json"), encoding="utf-8") as f:
-        config = TrainConfig.from_dict(json.load(f))
-    subwords = Subwords(os.path.join(run_dir, "spm.model"))
-    model = build(model_config(config.preset, dropout=config.dropout, rnn_cell=config.rnn_cell,
-                               positions=config.positions or None, prenorm=config.prenorm), subwords.vocab_size)
-    flat = FlatModel(model)
-    best = os.path.join(run_dir, "best.pt")
+    saved = rundir.read_json(os.path.join(run_dir, rundir.CONFIG))
+    saved.update(devices="cpu", server_device="cpu")  # trained on a GPU, translated anywhere
+    config = TrainConfig.from_dict(saved, source=os.path.join(run_dir, rundir.CONFIG))
+    subwords = Subwords(os.path.join(run_dir, SUBWORD_MODEL))
+    flat = FlatModel(build(model_config_from(config), subwords.vocab_size))
+    best = os.path.join(run_dir, rundir.BEST)
     if last or not os.path.exists(best):
-        flat.params.copy_(checkpoint.load(os.path.join(run_dir, "checkpoint.pt"))["server"]["params"])
+        flat.params.copy_(checkpoint.load(os.path.join(run_dir, rundir.CHECKPOINT))["server"]["params"])
     else:
         flat.params.copy_(checkpoint.load(best)["params"])
-    return config, subwords, model
+    return config, subwords, flat.model
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,11 @@
+"""The errors a user's input can raise, in a module of their own so that every layer (config, data,
+run directory) can raise them without importing another layer."""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """An invalid setting; the message names the option and how to fix it."""
+
+
+class CorpusError(ConfigError):
+    """A corpus that cannot be used; the message names the file and what to fix."""

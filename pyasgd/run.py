@@ -1,0 +1,83 @@
+"""What every run does, whoever drives it (the launcher's real processes or the simulator's
+virtual workers): announce the run, compute a worker's locally accumulated gradient, schedule and
+run validations on a snapshot of the published parameters, test the best parameters at the end,
+and write the summary."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from typing import Any, Iterator
+
+import torch
+
+from pyasgd import checkpoint, rundir
+from pyasgd.flat import FlatModel
+from pyasgd.runlog import RunLog
+
+
+def start_run(task, run_dir: str, quiet: bool) -> None:
+    """Say what is being trained, and keep what the run directory needs to stand alone."""
+    line = task.describe()
+    if line and not quiet:
+        print(f"pyasgd: {line}", file=sys.stderr)
+    for name, path in task.artifacts().items():
+        shutil.copyfile(path, os.path.join(run_dir, name))
+
+
+def local_gradient(task, flat: FlatModel, data: Iterator, k: int, device: torch.device | None = None):
+    """Sum the gradients of a worker's next k batches into flat.grads (local accumulation).
+    Returns (target tokens, summed loss, cursor of the batch after them)."""
+    flat.zero_grad()
+    tokens, loss_sum, cursor = 0, 0.0, None
+    for _ in range(k):
+        batch, cursor = next(data)
+        if device is not None:
+            batch = task.batch_to(batch, device)
+        loss, n = task.loss(flat.model, batch)
+        loss.backward()
+        tokens += n
+        loss_sum += loss.item()
+    return tokens, loss_sum, cursor
+
+
+def next_validation(update: int, valid_every: int) -> int | None:
+    """The server update at which to validate next (None: only at the end)."""
+    return (update // valid_every + 1) * valid_every if valid_every else None
+
+
+def validate(task, flat: FlatModel, log: RunLog, run_dir: str, update: int, version: int | None = None) -> None:
+    """Evaluate the parameters in flat.params (a consistent snapshot), log it, and keep the best
+    parameters in best.pt."""
+    model = flat.model
+    model.eval()
+    try:
+        metrics = task.evaluate(model)
+    finally:
+        model.train()
+    if version is not None:
+        metrics["version"] = version
+    if log.on_valid(update, metrics):
+        checkpoint.save_atomic({"params": flat.params.clone(), "update": update}, os.path.join(run_dir, rundir.BEST))
+
+
+def validate_last(task, flat: FlatModel, log: RunLog, run_dir: str, update: int, version: int | None) -> None:
+    """Validate the final parameters unless the last validation already saw them."""
+    if not log.valid or log.valid[-1]["update"] != update:
+        validate(task, flat, log, run_dir, update, version)
+
+
+def final_test(task, flat: FlatModel, run_dir: str) -> dict[str, Any]:
+    """The task's test fields for the best validated parameters (else the last ones)."""
+    best = os.path.join(run_dir, rundir.BEST)
+    if os.path.exists(best):
+        flat.params.copy_(checkpoint.load(best)["params"])
+    return task.final_test(flat.model, run_dir)
+
+
+def finish(log: RunLog, run_dir: str, *, stopped_because: str, wall_s: float,
+           extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write summary.json (atomically, last: only a run that ended has one) and return it."""
+    summary = log.summary(stopped_because=stopped_because, wall_s=wall_s, extra=extra)
+    rundir.write_json(os.path.join(run_dir, rundir.SUMMARY), summary)
+    return summary
