@@ -46,9 +46,6 @@ inline AdamScalars make_scalars(const AdamHyper& h) {
 bool adam_step_cpu(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
                    float* out, float* workspace, const AdamHyper& h, bool assume_finite = false);
 
-// Copies n floats and returns max |x| (+inf when an element is not finite), in one pass.
-float copy_absmax_cpu(float* dst, const float* src, size_t n);
-
 // SIMD level chosen at run time for this CPU ("avx512", "avx2" or "scalar").
 const char* cpu_simd_level();
 int cpu_num_threads();
@@ -56,9 +53,17 @@ void cpu_set_num_threads(int n);
 
 #ifdef PYASGD_WITH_CUDA
 // Same contract on device pointers (grads may be mapped pinned host memory), on `stream`.
+// With assume_finite the update is only queued on `stream` (no allocation, no synchronisation):
+// work ordered after it on that stream sees its result, but the host must synchronise the stream
+// before it reuses the gradient buffers (releases their slots) or reads what was written.
+// Otherwise the check pass runs and the call waits for its verdict, so everything is done on return.
 bool adam_step_cuda(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
                     float* out, float* workspace, const AdamHyper& h, int device, void* stream,
                     bool assume_finite = false);
+// The GPU pusher's copy: n floats from device memory src to dst (mapped pinned host memory, a
+// gradient slot), returning max |x| (+inf when an element is not finite), measured in the same
+// pass. Synchronises `stream`: the slot is complete on return and may be committed.
+float cuda_copy_absmax(float* dst, const float* src, size_t n, int device, void* stream);
 constexpr int kCudaMaxGrads = 64;  // gradient pointers travel in the kernel's argument block
 int cuda_device_count();
 void cuda_host_register(void* ptr, size_t bytes);

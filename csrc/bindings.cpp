@@ -68,6 +68,15 @@ PYBIND11_MODULE(_C, m) {
                                       reinterpret_cast<void*>(stream), assume_finite);
       },
       py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "cuda_copy_absmax",
+      [](uintptr_t dst, uintptr_t src, size_t n, int device, uintptr_t stream) {
+        return pyasgd::cuda_copy_absmax(ptr(dst), ptr<const float>(src), n, device,
+                                        reinterpret_cast<void*>(stream));
+      },
+      py::arg("dst"), py::arg("src"), py::arg("n"), py::arg("device"), py::arg("stream"),
+      py::call_guard<py::gil_scoped_release>(),
+      "Copies n floats from device memory to mapped pinned memory; returns max |x| (+inf: not finite).");
   m.def("cuda_device_count", &pyasgd::cuda_device_count);
   m.def("cuda_host_register", [](uintptr_t p, size_t bytes) { pyasgd::cuda_host_register(ptr<void>(p), bytes); });
   m.def("cuda_host_unregister", [](uintptr_t p) { pyasgd::cuda_host_unregister(ptr<void>(p)); });

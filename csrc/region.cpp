@@ -3,7 +3,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <immintrin.h>
 #include <linux/futex.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -19,8 +18,8 @@
 #include <random>
 #include <thread>
 
-#include "adam.h"
-#include "cpu/thread_pool.h"
+#include "cpu/copy.h"
+#include "cpu/relax.h"
 
 namespace pyasgd {
 namespace {
@@ -62,13 +61,15 @@ constexpr int kSpins = 200;
 // Waits until ready() is true: spins briefly (cheap hand-offs stay in user space), then sleeps on
 // the futex word in slices of at most `slice` seconds, calling on_idle() between slices.
 // Throws TimeoutError after `timeout` seconds and ClosedError once the region is closed.
+// ready() may act when it succeeds (claim() takes a slot), so it is never called again after
+// returning true.
 template <class Ready, class Idle>
 void wait_for(const Header* h, std::atomic<uint32_t>& word, std::atomic<uint32_t>& sleepers,
               double timeout, const char* what, Ready ready, Idle on_idle) {
   const auto start = Clock::now();
   for (int i = 0; i < kSpins; ++i) {
     if (ready()) return;
-    _mm_pause();
+    cpu_relax();
   }
   for (;;) {
     uint32_t seen = word.load(std::memory_order_seq_cst);
@@ -77,26 +78,15 @@ void wait_for(const Header* h, std::atomic<uint32_t>& word, std::atomic<uint32_t
     double left = timeout - std::chrono::duration<double>(Clock::now() - start).count();
     if (left <= 0) throw TimeoutError(std::string("timed out after ") + std::to_string(timeout) + " s waiting for " + what);
     sleepers.fetch_add(1, std::memory_order_seq_cst);
-    if (!ready()) futex_wait(&word, seen, std::min(left, 0.05));
+    const bool done = ready();  // re-checked after announcing the sleep: no wake-up is lost
+    if (!done) futex_wait(&word, seen, std::min(left, 0.05));
     sleepers.fetch_sub(1, std::memory_order_seq_cst);
+    if (done) return;
     on_idle();
   }
 }
 
 }  // namespace
-
-void parallel_copy(float* dst, const float* src, size_t n) {
-  constexpr size_t kChunk = 1 << 18;  // 1 MiB
-  if (n < 4 * kChunk) {
-    std::memcpy(dst, src, n * sizeof(float));
-    return;
-  }
-  size_t chunks = (n + kChunk - 1) / kChunk;
-  cpu::pool().run(chunks, [&](size_t c) {
-    size_t b = c * kChunk, e = std::min(n, b + kChunk);
-    std::memcpy(dst + b, src + b, (e - b) * sizeof(float));
-  });
-}
 
 SlotMeta& Region::meta(int k) const {
   return reinterpret_cast<SlotMeta*>(static_cast<char*>(base_) + h_->slot_meta_offset)[k];
@@ -271,7 +261,7 @@ void Region::read_begin(uint64_t* version, int* index, uint64_t* seq) const {
     int idx = static_cast<int>(h_->published.load(std::memory_order_acquire) & 1);
     uint64_t s = h_->buf_seq[idx].load(std::memory_order_acquire);
     if (s & 1) {  // only when the server lapped us: it is rewriting what we were told is current
-      _mm_pause();
+      cpu_relax();
       continue;
     }
     *version = h_->buf_version[idx].load(std::memory_order_acquire);  // what this buffer holds

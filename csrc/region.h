@@ -152,6 +152,4 @@ class Region {
   bool unlinked_ = false;
 };
 
-void parallel_copy(float* dst, const float* src, size_t n);
-
 }  // namespace pyasgd

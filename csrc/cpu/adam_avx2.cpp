@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include "adam.h"
 #include "cpu/kernels.h"
 
 namespace {
@@ -38,17 +37,5 @@ struct Avx2 {
 }  // namespace
 
 namespace pyasgd::cpu {
-bool range_finite_avx2(const float* const* g, int G, size_t b, size_t e) {
-  return range_finite_t<Avx2>(g, G, b, e);
-}
-bool range_sum_avx2(const float* const* g, int G, float* dst, size_t b, size_t e) {
-  return range_sum_t<Avx2>(g, G, dst, b, e);
-}
-float range_copy_absmax_avx2(float* dst, const float* src, size_t b, size_t e) {
-  return range_copy_absmax_t<Avx2>(dst, src, b, e);
-}
-void adam_range_avx2(float* p, float* m, float* v, const float* const* g, int G, float* out,
-                     size_t b, size_t e, const AdamScalars& c) {
-  adam_range_t<Avx2, ScalarVec>(p, m, v, g, G, out, b, e, c);
-}
+const IsaKernels& isa_avx2() { static const auto k = make_isa_kernels<Avx2>("avx2"); return k; }
 }  // namespace pyasgd::cpu

@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include "adam.h"
 #include "cpu/kernels.h"
 
 namespace {
@@ -36,17 +35,5 @@ struct Avx512 {
 }  // namespace
 
 namespace pyasgd::cpu {
-bool range_finite_avx512(const float* const* g, int G, size_t b, size_t e) {
-  return range_finite_t<Avx512>(g, G, b, e);
-}
-bool range_sum_avx512(const float* const* g, int G, float* dst, size_t b, size_t e) {
-  return range_sum_t<Avx512>(g, G, dst, b, e);
-}
-float range_copy_absmax_avx512(float* dst, const float* src, size_t b, size_t e) {
-  return range_copy_absmax_t<Avx512>(dst, src, b, e);
-}
-void adam_range_avx512(float* p, float* m, float* v, const float* const* g, int G, float* out,
-                       size_t b, size_t e, const AdamScalars& c) {
-  adam_range_t<Avx512, ScalarVec>(p, m, v, g, G, out, b, e, c);
-}
+const IsaKernels& isa_avx512() { static const auto k = make_isa_kernels<Avx512>("avx512"); return k; }
 }  // namespace pyasgd::cpu

@@ -4,78 +4,50 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
-#include <vector>
+#include <utility>
 
 #include "adam.h"
 #include "cpu/kernels.h"
 #include "cpu/thread_pool.h"
 
 namespace pyasgd {
+namespace cpu {
 namespace {
 
-using FiniteFn = bool (*)(const float* const*, int, size_t, size_t);
-using SumFn = bool (*)(const float* const*, int, float*, size_t, size_t);
-using CopyFn = float (*)(float*, const float*, size_t, size_t);
-using ApplyFn = void (*)(float*, float*, float*, const float* const*, int, float*, size_t, size_t,
-                         const AdamScalars&);
-
-struct Isa {
-  const char* name;
-  FiniteFn finite;
-  SumFn sum;
-  ApplyFn apply;
-  CopyFn copy_absmax;
-};
-
-#define PYASGD_ISA(x) \
-  Isa{#x, cpu::range_finite_##x, cpu::range_sum_##x, cpu::adam_range_##x, cpu::range_copy_absmax_##x}
-
-Isa detect() {
+const IsaKernels& detect() {
+  // PYASGD_SIMD caps the level (tests use it to exercise every instantiation on one machine).
+  const char* env = std::getenv("PYASGD_SIMD");
+  const std::string cap = env ? env : "";
+  if (cap == "scalar") return isa_scalar();
+#if defined(__x86_64__) || defined(_M_X64)
   __builtin_cpu_init();
   const bool has512 = __builtin_cpu_supports("avx512f");
   const bool has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  // PYASGD_SIMD caps the level (tests use it to exercise every instantiation on one machine).
-  std::string cap = std::getenv("PYASGD_SIMD") ? std::getenv("PYASGD_SIMD") : "";
-  if (cap == "scalar") return PYASGD_ISA(scalar);
-  if (has512 && cap != "avx2") return PYASGD_ISA(avx512);
-  if (has2) return PYASGD_ISA(avx2);
-  return PYASGD_ISA(scalar);
+  if (has512 && cap != "avx2") return isa_avx512();
+  if (has2) return isa_avx2();
+#endif
+  return isa_scalar();
 }
-
-const Isa& isa() {
-  static const Isa chosen = detect();
-  return chosen;
-}
-
-// 256K floats (1 MiB) per stream per tile: long contiguous streams per thread, still ~100 tiles
-// at 25M parameters to balance two threads that share cores with other work.
-constexpr size_t kTile = 1 << 18;
-// Below this, waking the pool costs more than it saves.
-constexpr size_t kParallelMin = 1 << 17;
 
 }  // namespace
 
-const char* cpu_simd_level() { return isa().name; }
-
-float copy_absmax_cpu(float* dst, const float* src, size_t n) {
-  const Isa& k = isa();
-  if (n < kParallelMin) return k.copy_absmax(dst, src, 0, n);
-  const size_t tiles = (n + kTile - 1) / kTile;
-  std::vector<float> part(tiles);
-  cpu::pool().run(tiles, [&](size_t t) {
-    part[t] = k.copy_absmax(dst, src, t * kTile, std::min(n, (t + 1) * kTile));
-  });
-  return *std::max_element(part.begin(), part.end());
+const IsaKernels& isa() {
+  static const IsaKernels& chosen = detect();
+  return chosen;
 }
+
+}  // namespace cpu
+
+const char* cpu_simd_level() { return cpu::isa().name; }
 int cpu_num_threads() { return cpu::pool().size(); }
 void cpu_set_num_threads(int n) { cpu::set_threads(n); }
 
 bool adam_step_cpu(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
                    float* out, float* workspace, const AdamHyper& h, bool assume_finite) {
-  const Isa& k = isa();
+  const cpu::IsaKernels& k = cpu::isa();
   const AdamScalars c = make_scalars(h);
-  const size_t tiles = n < kParallelMin ? 1 : (n + kTile - 1) / kTile;
-  const size_t tile = n < kParallelMin ? n : kTile;
+  const size_t tiles = n < cpu::kParallelMin ? 1 : (n + cpu::kTile - 1) / cpu::kTile;
+  const size_t tile = n < cpu::kParallelMin ? n : cpu::kTile;
   auto bounds = [&](size_t t) { return std::make_pair(t * tile, std::min(n, (t + 1) * tile)); };
   if (assume_finite) {  // the common case on the server: one pass
     cpu::pool().run(tiles, [&](size_t t) {

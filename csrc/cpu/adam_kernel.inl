@@ -4,8 +4,31 @@
 // The scalar tail uses the same operation sequence (explicit fma) as the vector body, and the
 // build turns off FP contraction, so an element's result does not depend on its position.
 //
-// Requires: #include "adam.h", a vector struct V with width/load/store/set1/add/sub/mul/div/
-// sqrt/fmadd/zero/any_nan/store_out/fence, and a struct S (scalar) with the same interface.
+// Requires: #include "cpu/kernels.h" and a vector struct V with width/load/store/store_out/set1/
+// zero/add/sub/mul/div/sqrt/fmadd/max/abs/hmax/any_nan/fence (ScalarVec below is the model).
+// Export the ISA with make_isa_kernels<V>(name): the one place that lists the kernels.
+
+// The scalar tail of every ISA and, on its own, the portable instantiation.
+struct ScalarVec {
+  using reg = float;
+  static constexpr int width = 1;
+  static float load(const float* x) { return *x; }
+  static void store(float* x, float a) { *x = a; }
+  static void store_out(float* x, float a) { *x = a; }
+  static float set1(float a) { return a; }
+  static float zero() { return 0.0f; }
+  static float add(float a, float b) { return a + b; }
+  static float sub(float a, float b) { return a - b; }
+  static float mul(float a, float b) { return a * b; }
+  static float div(float a, float b) { return a / b; }
+  static float sqrt(float a) { return std::sqrt(a); }
+  static float fmadd(float a, float b, float c) { return std::fma(a, b, c); }
+  static bool any_nan(float a) { return a != a; }
+  static void fence() {}
+  static float max(float a, float b) { return std::max(a, b); }
+  static float abs(float a) { return std::fabs(a); }
+  static float hmax(float a) { return a; }
+};
 
 template <class V>
 inline typename V::reg sum_grads(const float* const* g, int G, size_t i) {
@@ -91,9 +114,11 @@ inline void adam_one(float* p, float* m, float* v, const float* const* g, int G,
   mv = V::fmadd(V::set1(c.one_minus_beta1), V::sub(gs, mv), mv);  // m = lerp(m, g, 1-b1)
   R vv = V::load(v + i);
   vv = V::fmadd(V::mul(V::set1(c.one_minus_beta2), gs), gs, V::mul(V::set1(c.beta2), vv));  // v
-  R denom = V::add(V::mul(V::sqrt(vv), V::set1(1.0f / c.bias_correction2_sqrt)), V::set1(c.eps));  // sqrt(v_hat)+eps
+  // sqrt(v_hat) + eps. Divided as torch.optim.Adam and the CUDA kernel do: multiplying by the
+  // reciprocal rounds twice and would differ from them in the last bit.
+  R denom = V::add(V::div(V::sqrt(vv), V::set1(c.bias_correction2_sqrt)), V::set1(c.eps));
   if (c.decay != 1.0f) pv = V::mul(pv, V::set1(c.decay));  // AdamW
-  pv = V::add(pv, V::div(V::mul(V::set1(c.neg_step_size), mv), denom));  // p -= lr * m_hat / denom  // p -= lr * m_hat / denom
+  pv = V::add(pv, V::div(V::mul(V::set1(c.neg_step_size), mv), denom));  // p -= lr * m_hat / denom
   V::store(m + i, mv);
   V::store(v + i, vv);
   V::store(p + i, pv);
@@ -109,23 +134,10 @@ void adam_range_t(float* p, float* m, float* v, const float* const* g, int G, fl
   V::fence();
 }
 
-struct ScalarVec {
-  using reg = float;
-  static constexpr int width = 1;
-  static float load(const float* x) { return *x; }
-  static void store(float* x, float a) { *x = a; }
-  static void store_out(float* x, float a) { *x = a; }
-  static float set1(float a) { return a; }
-  static float zero() { return 0.0f; }
-  static float add(float a, float b) { return a + b; }
-  static float sub(float a, float b) { return a - b; }
-  static float mul(float a, float b) { return a * b; }
-  static float div(float a, float b) { return a / b; }
-  static float sqrt(float a) { return std::sqrt(a); }
-  static float fmadd(float a, float b, float c) { return std::fma(a, b, c); }
-  static bool any_nan(float a) { return a != a; }
-  static void fence() {}
-  static float max(float a, float b) { return std::max(a, b); }
-  static float abs(float a) { return std::fabs(a); }
-  static float hmax(float a) { return a; }
-};
+// The ISA's kernel table. Instantiated inside the including file's anonymous namespace, so the
+// function pointers refer to this ISA's internal copies and no other.
+template <class V>
+constexpr pyasgd::cpu::IsaKernels make_isa_kernels(const char* name) {
+  return {name, range_finite_t<V>, range_sum_t<V>, adam_range_t<V, ScalarVec>,
+          range_copy_absmax_t<V>};
+}

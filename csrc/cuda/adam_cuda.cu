@@ -3,8 +3,13 @@
 // may be device memory or mapped pinned host memory (UVA makes both plain pointers here).
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "adam.h"
 
@@ -76,12 +81,13 @@ __global__ void sum_check_kernel(GradPtrs g, int G, size_t base, size_t packs, f
   if (dst) store<W>(dst, off, s);
 }
 
-// Pass 2: the same arithmetic, in the same order, as csrc/cpu/adam_kernel.inl.
+// Pass 2: the same arithmetic, in the same order, as csrc/cpu/adam_kernel.inl. bad is null when
+// the caller proved the sum finite (no check pass ran).
 template <int W>
 __global__ void adam_kernel(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
                             GradPtrs g, int G, size_t base, size_t packs, float* __restrict__ out,
                             AdamScalars c, const int* bad) {
-  if (*bad) return;  // skipped step: nothing is written
+  if (bad && *bad) return;  // skipped step: nothing is written
   size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
   if (i >= packs) return;
   size_t off = base + i * W;
@@ -104,6 +110,39 @@ __global__ void adam_kernel(float* __restrict__ p, float* __restrict__ m, float*
   if (out) store<W>(out, off, pv);
 }
 
+// The push: copies src to dst (mapped pinned host memory, written over the bus) and folds
+// max |x| into *result as bits. Non-negative floats order as their bit patterns do, so an unsigned
+// atomicMax is a float max; a non-finite element counts as +inf (NaN's bits would exceed inf's).
+template <int W>
+__global__ void copy_absmax_kernel(float* __restrict__ dst, const float* __restrict__ src,
+                                   size_t base, size_t packs, unsigned* result) {
+  constexpr unsigned kInfBits = 0x7f800000u;
+  unsigned mx = 0;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < packs; i += stride) {
+    size_t off = base + i * W;
+    Pack<W> x = load<W>(src, off);
+    store<W>(dst, off, x);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      float a = fabsf(x.x[j]);
+      mx = max(mx, isfinite(a) ? __float_as_uint(a) : kInfBits);
+    }
+  }
+  // Block reduction, so one atomic per block reaches the result word.
+  __shared__ unsigned warp_max[kThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = mx;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    mx = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0u;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (threadIdx.x == 0 && mx != 0) atomicMax(result, mx);
+  }
+}
+
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Launches kernel<4> over the 16-byte-aligned bulk and kernel<1> over the tail.
@@ -113,6 +152,56 @@ void launch_split(size_t n, bool vec, Launch4 l4, Launch1 l1) {
   if (n4) l4(size_t{0}, n4, static_cast<unsigned>((n4 + kThreads - 1) / kThreads));
   size_t rest = n - n4 * 4;
   if (rest) l1(n4 * 4, rest, static_cast<unsigned>((rest + kThreads - 1) / kThreads));
+}
+
+// Per-device scratch words, allocated once and kept for the life of the process, so a step
+// allocates nothing. Each word has a device copy (written by kernels) and a pinned host copy
+// (the target of an asynchronous read-back). A call holds the word's mutex from its reset to its
+// read-back: concurrent calls on different streams of one device then take turns instead of
+// resetting or reading each other's word. Calls that need the word synchronise anyway (the
+// caller waits for the verdict), so the serialisation costs no overlap that existed.
+struct Word {
+  std::mutex mu;
+  unsigned* dev = nullptr;
+  unsigned* host = nullptr;
+};
+
+struct DeviceScratch {
+  Word bad;     // the check pass's verdict (int on the device: nonzero = not finite)
+  Word absmax;  // the push's max |x|, as float bits
+  int blocks_cap = 0;  // a grid that fills the device; grid-stride loops cover the rest
+};
+
+// The calling thread has made `device` current.
+DeviceScratch& scratch(int device) {
+  static std::mutex mu;
+  // Leaked on purpose: the CUDA context may be gone by the time static destructors would run.
+  static auto* table = new std::vector<std::unique_ptr<DeviceScratch>>();
+  std::lock_guard<std::mutex> lk(mu);
+  if (table->empty()) {
+    int count = 0;
+    PYASGD_CUDA_CHECK(cudaGetDeviceCount(&count));
+    table->resize(count);
+  }
+  if (device < 0 || device >= static_cast<int>(table->size()))
+    throw std::invalid_argument("pyasgd CUDA: device " + std::to_string(device) + " out of range");
+  std::unique_ptr<DeviceScratch>& slot = (*table)[device];
+  if (!slot) {
+    auto s = std::make_unique<DeviceScratch>();
+    void* words = nullptr;
+    void* host = nullptr;
+    PYASGD_CUDA_CHECK(cudaMalloc(&words, 2 * sizeof(unsigned)));
+    PYASGD_CUDA_CHECK(cudaMallocHost(&host, 2 * sizeof(unsigned)));
+    s->bad.dev = static_cast<unsigned*>(words);
+    s->absmax.dev = static_cast<unsigned*>(words) + 1;
+    s->bad.host = static_cast<unsigned*>(host);
+    s->absmax.host = static_cast<unsigned*>(host) + 1;
+    int sms = 0;
+    PYASGD_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    s->blocks_cap = sms * (2048 / kThreads);
+    slot = std::move(s);
+  }
+  return *slot;
 }
 
 struct DeviceGuard {
@@ -144,12 +233,36 @@ bool adam_step_cuda(float* param, float* m, float* v, const float* const* grads,
     vec = vec && aligned16(grads[k]);
   }
   const bool presum = !assume_finite && workspace != nullptr && G >= 3;  // see adam_cpu.cpp
+  GradPtrs ap = gp;
+  int aG = G;
+  if (presum) {
+    ap = GradPtrs{};
+    ap.p[0] = workspace;
+    aG = 1;
+  }
+  auto launch_adam = [&](const int* bad) {
+    launch_split(
+        n, vec,
+        [&](size_t b, size_t packs, unsigned blocks) {
+          adam_kernel<4><<<blocks, kThreads, 0, stream>>>(param, m, v, ap, aG, b, packs, out, c, bad);
+        },
+        [&](size_t b, size_t packs, unsigned blocks) {
+          adam_kernel<1><<<blocks, kThreads, 0, stream>>>(param, m, v, ap, aG, b, packs, out, c, bad);
+        });
+    PYASGD_CUDA_CHECK(cudaGetLastError());
+  };
 
-  int* bad = nullptr;
-  PYASGD_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&bad), sizeof(int), stream));
+  if (assume_finite) {  // proven finite: one pass, queued on the stream, nothing to wait for
+    launch_adam(nullptr);
+    return true;
+  }
+
+  Word& w = scratch(device).bad;
+  int* bad = reinterpret_cast<int*>(w.dev);
+  std::lock_guard<std::mutex> lk(w.mu);  // until the verdict is read back (see DeviceScratch)
   PYASGD_CUDA_CHECK(cudaMemsetAsync(bad, 0, sizeof(int), stream));
   float* dst = presum ? workspace : nullptr;
-  if (!assume_finite) launch_split(
+  launch_split(
       n, vec,
       [&](size_t b, size_t packs, unsigned blocks) {
         sum_check_kernel<4><<<blocks, kThreads, 0, stream>>>(gp, G, b, packs, dst, bad);
@@ -158,29 +271,37 @@ bool adam_step_cuda(float* param, float* m, float* v, const float* const* grads,
         sum_check_kernel<1><<<blocks, kThreads, 0, stream>>>(gp, G, b, packs, dst, bad);
       });
   PYASGD_CUDA_CHECK(cudaGetLastError());
+  launch_adam(bad);
+  PYASGD_CUDA_CHECK(cudaMemcpyAsync(w.host, bad, sizeof(int), cudaMemcpyDeviceToHost, stream));
+  PYASGD_CUDA_CHECK(cudaStreamSynchronize(stream));  // the caller needs the verdict now
+  return *w.host == 0;
+}
 
-  GradPtrs ap = gp;
-  int aG = G;
-  if (presum) {
-    ap = GradPtrs{};
-    ap.p[0] = workspace;
-    aG = 1;
-  }
+float cuda_copy_absmax(float* dst, const float* src, size_t n, int device, void* stream_ptr) {
+  if (n == 0) return 0.0f;
+  DeviceGuard guard(device);
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  DeviceScratch& s = scratch(device);
+  Word& w = s.absmax;
+  std::lock_guard<std::mutex> lk(w.mu);  // until the bound is read back (see DeviceScratch)
+  PYASGD_CUDA_CHECK(cudaMemsetAsync(w.dev, 0, sizeof(unsigned), stream));  // bits of +0.0f
+  const bool vec = aligned16(dst) && aligned16(src);
+  auto grid = [&](unsigned blocks) { return std::min(blocks, static_cast<unsigned>(s.blocks_cap)); };
   launch_split(
       n, vec,
       [&](size_t b, size_t packs, unsigned blocks) {
-        adam_kernel<4><<<blocks, kThreads, 0, stream>>>(param, m, v, ap, aG, b, packs, out, c, bad);
+        copy_absmax_kernel<4><<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
       },
       [&](size_t b, size_t packs, unsigned blocks) {
-        adam_kernel<1><<<blocks, kThreads, 0, stream>>>(param, m, v, ap, aG, b, packs, out, c, bad);
+        copy_absmax_kernel<1><<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
       });
   PYASGD_CUDA_CHECK(cudaGetLastError());
-
-  int host_bad = 0;
-  PYASGD_CUDA_CHECK(cudaMemcpyAsync(&host_bad, bad, sizeof(int), cudaMemcpyDeviceToHost, stream));
-  PYASGD_CUDA_CHECK(cudaFreeAsync(bad, stream));
-  PYASGD_CUDA_CHECK(cudaStreamSynchronize(stream));  // the caller needs the verdict now
-  return host_bad == 0;
+  PYASGD_CUDA_CHECK(cudaMemcpyAsync(w.host, w.dev, sizeof(unsigned), cudaMemcpyDeviceToHost, stream));
+  // The copy into the slot must be complete before the caller commits it.
+  PYASGD_CUDA_CHECK(cudaStreamSynchronize(stream));
+  float bound;
+  std::memcpy(&bound, w.host, sizeof(bound));
+  return bound;
 }
 
 int cuda_device_count() {
