@@ -23,6 +23,7 @@ else:  # pragma: no cover
 MODES = ("sync", "async")
 SCHEDULES = ("inverse-sqrt", "constant")
 SIM_ORDERS = ("round-robin", "normal")
+AMP = ("none", "bf16")
 # Marks a setting that shapes the model or the data: a resumed run must keep it (see rundir.py).
 FIXED = {"resume": "fixed"}
 
@@ -58,6 +59,10 @@ class TrainConfig:
     """worker devices: cpu, or a comma list such as cuda:0,cuda:1 (assigned round-robin)."""
     server_device: str = "cpu"
     """where the server keeps the master parameters and runs the fused update: cpu or cuda:I."""
+    amp: str = "none"
+    """mixed precision in the workers: none (fp32) or bf16 (forward and backward under bf16
+    autocast, on CUDA and on CPUs that support it); gradients reach the server in fp32 and the
+    server keeps fp32 master parameters."""
     threads: int = 0
     """torch threads per CPU worker; 0 = floor(cores / workers), at least 1."""
     seed: int = field(default=1, metadata=FIXED)
@@ -199,6 +204,7 @@ class TrainConfig:
         need(self.max_updates > 0 or self.max_epochs > 0 or self.max_time > 0, "max_updates",
              "set at least one of --max-updates, --max-epochs, --max-time so the run ends")
         need(self.timeout > 0, "timeout", "must be > 0 seconds")
+        need(self.amp in AMP, "amp", f"must be one of {', '.join(AMP)}, got {self.amp!r}")
         need(self.sim_order in SIM_ORDERS, "sim_order", f"must be one of {', '.join(SIM_ORDERS)}")
         need(self.sim_time_std >= 0, "sim_time_std", "must be >= 0")
         for name in ("batch_size", "seq_len", "train_size"):

@@ -260,16 +260,32 @@ class SharedRegion:
         if grad.device.type == "cpu":
             ticket = h.push_cpu(grad.data_ptr(), int(worker), int(version), int(tokens), float(loss), float(timeout))
         else:
-            slot = h.claim(int(worker), float(timeout))
-            try:
-                self.slot_buffers[slot].copy_(grad.reshape(-1))  # device -> pinned host, synchronous
-            except BaseException:
-                h.abandon(slot)
-                raise
-            bound = float(grad.detach().abs().amax())  # inf/NaN when not finite, as on the CPU path
-            ticket = h.commit(slot, int(version), int(tokens), float(loss), bound if math.isfinite(bound) else math.inf)
+            ticket = self._push_cuda(grad, int(worker), int(version), int(tokens), float(loss), float(timeout))
         self._ticket = ticket
         return ticket.push_seq
+
+    def _push_cuda(self, grad: torch.Tensor, worker: int, version: int, tokens: int, loss: float, timeout: float):
+        """A CUDA gradient into a pinned slot. With pyasgd's CUDA build and a mapped region, one
+        kernel stores it straight into the slot (device -> host) and measures max |g| in the same
+        pass; otherwise torch measures the bound first and copies after. Either way the claim is
+        given back if anything fails between claim and commit, so no slot leaks."""
+        h = self._handle()
+        fused = self._pinned and _ext.cuda_built()
+        bound = math.nan
+        if not fused:
+            bound = float(grad.detach().abs().amax())  # before the claim: an error here holds nothing
+        slot = h.claim(worker, timeout)
+        try:
+            if fused:
+                stream = torch.cuda.current_stream(grad.device)
+                bound = _C.cuda_copy_absmax(self.slot_buffers[slot].data_ptr(), grad.data_ptr(), h.n,
+                                            grad.device.index, stream.cuda_stream)  # synchronises
+            else:
+                self.slot_buffers[slot].copy_(grad.reshape(-1))  # device -> pinned host, synchronous
+        except BaseException:
+            h.abandon(slot)
+            raise
+        return h.commit(slot, version, tokens, loss, bound if math.isfinite(bound) else math.inf)
 
     def wait_processed(self, timeout: float = 60.0) -> None:
         """Wait until the server has processed this process's last push: taken into its

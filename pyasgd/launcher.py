@@ -44,7 +44,11 @@ class Launcher:
 
     def __init__(self, config: TrainConfig, run_dir: str, task) -> None:
         self.config, self.run_dir, self.task = config, run_dir, task
-        self.flat = FlatModel(task.build_model())
+        # Validation decodes where the run has a GPU (the server's, else the first worker's):
+        # on one launcher CPU thread it would take longer than the training it checks.
+        devices = [config.server_device, *config.worker_devices()]
+        self.eval_device = torch.device(next((d for d in devices if d.startswith("cuda")), "cpu"))
+        self.flat = FlatModel(task.build_model().to(self.eval_device))
         self.log = RunLog(run_dir, config, task)
         self.ckpt_path = os.path.join(run_dir, rundir.CHECKPOINT)
         ctx = self.ctx = mp.get_context("spawn")
@@ -68,8 +72,7 @@ class Launcher:
         if resume is not None:
             flat.params.copy_(resume["server"]["params"])
             log.updates = int(resume["server"]["step"])
-        uses_cuda = c.server_device.startswith("cuda") or any(d.startswith("cuda") for d in c.worker_devices())
-        self.region = SharedRegion.create(flat.n, default_slots(c.workers, c.G), pin=uses_cuda)
+        self.region = SharedRegion.create(flat.n, default_slots(c.workers, c.G), pin=self.eval_device.type == "cuda")
         stopped_because, extra, summary, train_end = "", {}, None, None
         pbar = self._progress_bar()
         try:

@@ -25,16 +25,20 @@ def start_run(task, run_dir: str, quiet: bool) -> None:
         shutil.copyfile(path, os.path.join(run_dir, name))
 
 
-def local_gradient(task, flat: FlatModel, data: Iterator, k: int, device: torch.device | None = None):
+def local_gradient(task, flat: FlatModel, data: Iterator, k: int, device: torch.device | None = None,
+                   amp: str = "none"):
     """Sum the gradients of a worker's next k batches into flat.grads (local accumulation).
-    Returns (target tokens, summed loss, cursor of the batch after them)."""
+    With amp="bf16" the forward pass runs under bf16 autocast (and so its backward); parameters
+    and their gradients stay fp32. Returns (target tokens, summed loss, cursor of the next batch)."""
     flat.zero_grad()
     tokens, loss_sum, cursor = 0, 0.0, None
+    device_type = (device or flat.params.device).type
     for _ in range(k):
         batch, cursor = next(data)
         if device is not None:
             batch = task.batch_to(batch, device)
-        loss, n = task.loss(flat.model, batch)
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss, n = task.loss(flat.model, batch)
         loss.backward()
         tokens += n
         loss_sum += loss.item()

@@ -98,7 +98,8 @@ class Simulation:
         """Worker i's (locally accumulated) gradient on the parameters it last pulled."""
         w = self.vws[i]
         self.flat.params.copy_(w.params)
-        tokens, loss_sum, w.cursor = local_gradient(self.task, self.flat, self.data[i], self.config.local_accum)
+        tokens, loss_sum, w.cursor = local_gradient(self.task, self.flat, self.data[i], self.config.local_accum,
+                                                    amp=self.config.amp)
         return self.flat.grads.clone(), tokens, loss_sum
 
     def pull_if_due(self, i: int) -> None:

@@ -80,7 +80,7 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
         wait_s += time.monotonic() - t
         while not args.stop.is_set():
             t = time.monotonic()
-            tokens, loss_sum, cursor = local_gradient(task, flat, data, k, device)
+            tokens, loss_sum, cursor = local_gradient(task, flat, data, k, device, config.amp)
             t2 = time.monotonic()
             compute_s += t2 - t
             region.push(flat.grads, version=pulled, tokens=tokens, worker=rank, loss=loss_sum,

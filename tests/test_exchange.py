@@ -296,3 +296,33 @@ def test_cuda_push_and_pull_through_pinned_region():
         assert server_step(region, batch, master, m, vv, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
         assert ((master - ref[0]).abs().max() / ref[0].abs().max()).item() < 1e-6
         assert region.pull(dst) == v + 1 and torch.equal(dst, master)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("offset", [0, 1])  # 16-byte aligned source, and not
+def test_cuda_push_copies_exactly_measures_the_bound_and_never_leaks_a_slot(monkeypatch, offset):
+    import math
+
+    from pyasgd import exchange
+
+    n = 1_000_003
+    with SharedRegion.create(n, 2, pin=True) as region:
+        g = torch.randn(n + offset, device="cuda")[offset:]
+        region.push(g, version=0)
+        batch = region.collect(1)
+        assert torch.equal(batch.grads[0], g.cpu())
+        assert batch.bounds[0] == float(g.abs().max())  # a max is exact
+        region.release(batch)
+        g[n - 1] = float("nan")  # in the scalar tail
+        region.push(g, version=0)
+        batch = region.collect(1)
+        assert batch.bounds[0] == math.inf
+        region.release(batch)
+
+        def boom(*args):
+            raise RuntimeError("copy failed")
+
+        monkeypatch.setattr(exchange._C, "cuda_copy_absmax", boom)
+        with pytest.raises(RuntimeError, match="copy failed"):
+            region.push(g, version=0)
+        assert [region.slot_state(k) for k in range(2)] == [0, 0]  # the claim was given back

@@ -105,6 +105,16 @@ def test_every_method_converges_in_the_simulator(tmp_path, method):
         assert not torch.equal(ours, twin), f"{method} changed nothing"
 
 
+def test_bf16_autocast_trains_the_synthetic_task(tmp_path):
+    kw = dict(simulate=True, mode="async", global_accum=2, max_updates=400)
+    summary = train(cfg(tmp_path, "bf16", amp="bf16", **kw))
+    assert summary["final_valid"]["accuracy"] > 0.6
+    train(cfg(tmp_path, "fp32", **kw))
+    bf16, fp32 = (checkpoint.load(str(tmp_path / d / "checkpoint.pt"))["server"] for d in ("bf16", "fp32"))
+    assert bf16["params"].dtype == torch.float32  # fp32 masters whatever the workers compute in
+    assert not torch.equal(bf16["params"], fp32["params"])  # the forward really ran in bf16
+
+
 def test_simulator_is_deterministic_and_resumes_bit_for_bit(tmp_path):
     kw = dict(simulate=True, mode="async", global_accum=2, local_accum=2, sim_order="normal")
     train(cfg(tmp_path, "a", max_updates=60, **kw))

@@ -230,3 +230,19 @@ def test_short_end_to_end_run_and_translate(tmp_path, small_pairs, run_main):
     assert len(t.stdout.splitlines()) == 5
     bad = run_main(translate_main, "--checkpoint", tmp_path, stdin="x\n")
     assert bad.returncode == 2 and "not a translation run directory" in bad.stderr
+
+
+@pytest.mark.slow
+def test_tiny_transformer_learns_under_bf16_autocast(tmp_path, small_pairs):
+    from pyasgd.config import TrainConfig
+    from pyasgd.launcher import train
+
+    files = user_corpus(tmp_path, small_pairs)
+    summary = train(TrainConfig(**files, vocab_size=400, max_len=60, batch_tokens=1200, workers=2, simulate=True,
+                                amp="bf16", lr=3e-3, warmup=20, max_updates=80, max_time=0, valid_every=0,
+                                quiet=True, out=str(tmp_path / "run")))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        ups = [r for r in map(json.loads, f) if r["kind"] == "update"]
+    first, last = (sum(r["loss"] for r in part) / len(part) for part in (ups[:10], ups[-10:]))
+    assert last < 0.75 * first, (first, last)
+    assert summary["updates"] == 80 and summary["test_bleu"] is not None
