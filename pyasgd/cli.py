@@ -15,17 +15,12 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
 import typing
 
 from pyasgd import rundir
 from pyasgd.config import TrainConfig, field_docs, load_toml
-from pyasgd.errors import ConfigError
-
-
-class Terminated(Exception):
-    """SIGTERM, turned into an exception so the launcher's cleanup runs."""
+from pyasgd.errors import ConfigError, Terminated
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyasgd-train: error: {e}", file=sys.stderr)
         return 2
 
-    def on_term(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, on_term)
     from pyasgd.launcher import TrainingError, train
+    from pyasgd.proc import set_name, stop_resource_tracker
 
+    # As a program (the console script or `python -m pyasgd.cli`), not when main() is called in a
+    # process that is someone else's (tests, notebooks).
+    as_program = __name__ == "__main__" or os.path.basename(sys.argv[0]) == "pyasgd-train"
+    if as_program:
+        set_name("pyasgd-train")
     try:
         summary = train(config)
     except ConfigError as e:
@@ -98,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         print("pyasgd-train: terminated; all processes stopped, shared memory removed", file=sys.stderr)
         return 143
     finally:
-        signal.signal(signal.SIGTERM, previous)  # main() may be called in-process (tests, notebooks)
+        if as_program:
+            stop_resource_tracker()  # the launcher's last child: nothing outlives pyasgd-train
     keys = ("mode", "workers", "global_accum", "local_accum", "pull_every", "updates", "wps",
             "avg_staleness", "best_valid", "primary_metric", "best_valid_bleu", "test_bleu", "test_chrf",
             "stopped_because", "wall_s")

@@ -164,6 +164,10 @@ class TrainConfig:
     """no progress bar."""
     timeout: float = 120.0
     """seconds a process may wait on another (a full ring, a barrier) before the run fails."""
+    max_restarts: int = 3
+    """worker processes that may die (killed, an exception, out of memory) and be replaced in a
+    run before it stops; 0 = any death ends the run. A replacement pulls the current parameters
+    and continues from its rank's data position; the server cannot be replaced."""
 
     # --- simulator ----------------------------------------------------------------------------
     simulate: bool = False
@@ -197,7 +201,7 @@ class TrainConfig:
         need(self.eps >= 0, "eps", "must be >= 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.clip_norm >= 0, "clip_norm", "must be >= 0 (0 turns clipping off)")
-        for name in ("max_updates", "valid_every", "patience", "save_every", "threads"):
+        for name in ("max_updates", "valid_every", "patience", "save_every", "threads", "max_restarts"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("max_epochs", "max_time", "compute_delay"):
             need(getattr(self, name) >= 0, name, "must be >= 0 (0 = no limit)")

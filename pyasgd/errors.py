@@ -9,3 +9,8 @@ class ConfigError(ValueError):
 
 class CorpusError(ConfigError):
     """A corpus that cannot be used; the message names the file and what to fix."""
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the launcher so the run stops as it does on Ctrl-C: the server saves,
+    every process is stopped, summary.json says "terminated"."""

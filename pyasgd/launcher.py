@@ -5,7 +5,9 @@ shared region. `--simulate` runs the same loop's pieces (pyasgd/run.py) in one p
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch.multiprocessing as mp
 
 from pyasgd import checkpoint, rundir
 from pyasgd.config import TrainConfig
+from pyasgd.errors import Terminated
 from pyasgd.flat import FlatModel
 from pyasgd.run import final_test, finish, next_validation, start_run, validate, validate_last
 from pyasgd.runlog import RunLog
@@ -58,6 +61,8 @@ class Launcher:
         self.ready = 0             # workers that reported ready
         self.server_done = False   # the server wrote its last checkpoint
         self.failure = ""          # what went wrong, with a traceback where there is one
+        self.worker_errors: dict[int, str] = {}  # rank -> traceback it reported before dying
+        self.last_checkpoint: int | None = None  # server update of the last checkpoint written
         self.start = time.monotonic()  # reset when every worker is ready
 
     def run(self) -> dict[str, Any]:
@@ -71,10 +76,13 @@ class Launcher:
         resume = checkpoint.load(self.ckpt_path) if c.resume else None
         if resume is not None:
             flat.params.copy_(resume["server"]["params"])
-            log.updates = int(resume["server"]["step"])
+            log.updates = self.last_checkpoint = int(resume["server"]["step"])
         self.region = SharedRegion.create(flat.n, default_slots(c.workers, c.G), pin=self.eval_device.type == "cuda")
         stopped_because, extra, summary, train_end = "", {}, None, None
         pbar = self._progress_bar()
+        previous_term = None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM stops the run as Ctrl-C does
+            previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             self.region.publish(flat.params)
             self._spawn(resume)
@@ -98,11 +106,15 @@ class Launcher:
             if not self.failure:
                 validate_last(task, flat, log, self.run_dir, log.updates, self.region.pull(flat.params))
                 extra = final_test(task, flat, self.run_dir)
-        except KeyboardInterrupt:
-            stopped_because = "interrupted"
-            self._stop()
+        except (KeyboardInterrupt, Terminated) as e:
+            stopped_because = "terminated" if isinstance(e, Terminated) else "interrupted"
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
+            self._stop()  # the server writes the last checkpoint
             raise
         finally:
+            if previous_term is not None:
+                signal.signal(signal.SIGTERM, previous_term)
             if pbar is not None:
                 pbar.close()
             self._reap()
@@ -127,55 +139,99 @@ class Launcher:
 
     def _spawn(self, resume: dict | None) -> None:
         from pyasgd.server import ServerArgs, server_main
-        from pyasgd.worker import WorkerArgs, worker_main
 
         c, ctx = self.config, self.ctx
         cursors = ctx.Array("q", 2 * c.workers, lock=False)  # each worker's (epoch, index)
         if resume is not None and resume["cursors"].numel() == 2 * c.workers:
             cursors[:] = resume["cursors"].tolist()
-        common = dict(config=c, region=self.region.name, cursors=cursors, stop=self.stop, queue=self.queue)
+        self.common = dict(config=c, region=self.region.name, cursors=cursors, stop=self.stop, queue=self.queue)
         self.procs.append(ctx.Process(target=server_main, name="server", daemon=True, args=(ServerArgs(
-            checkpoint_path=self.ckpt_path, resume_state=self.ckpt_path if resume is not None else "", **common),)))
-        for i in range(c.workers):
-            self.procs.append(ctx.Process(target=worker_main, name=f"worker {i}", daemon=True,
-                                          args=(WorkerArgs(rank=i, go=self.go, **common),)))
-        for p in self.procs:
-            p.start()
+            checkpoint_path=self.ckpt_path, resume_state=self.ckpt_path if resume is not None else "",
+            **self.common),)))
+        self.procs[0].start()
+        for rank in range(c.workers):
+            self.procs.append(self._start_worker(rank))
 
-    def _poll(self) -> str:
+    def _start_worker(self, rank: int):
+        """Worker `rank` (a first one or a replacement): it pulls the current parameters and goes
+        on from the data position its rank last pushed."""
+        from pyasgd.worker import WorkerArgs, worker_main
+
+        p = self.ctx.Process(target=worker_main, name=f"worker {rank}", daemon=True,
+                             args=(WorkerArgs(rank=rank, go=self.go, **self.common),))
+        p.start()
+        return p
+
+    def _poll(self, timeout: float = 0.05) -> str:
         """Take the records the processes sent; returns why the run must stop, or ''."""
         reason = ""
-        for r in _drain(self.queue, 0.05):
-            self.log.record(r)
-            kind = r["kind"]
-            if kind == "error":
-                self.failure = self.failure or f"{r['process']} failed:\n{r['traceback']}"
-                reason = "failed"
-            elif kind == "server_done":
-                self.server_done = True
-                reason = reason or r["reason"]
-            elif kind == "worker_done":
-                reason = reason or "max_epochs"
-            elif kind == "ready":
-                self.ready += 1
-                if self.ready == self.config.workers:  # everyone has started: the clock starts now
-                    self.go.set()
-                    self.start = self.log.t0 = time.monotonic()
+        for r in _drain(self.queue, timeout):
+            reason = self._handle(r) or reason
         return reason
 
+    def _handle(self, r: dict) -> str:
+        self.log.record(r)
+        kind = r["kind"]
+        if kind == "error":
+            if "worker" in r and self.config.max_restarts > 0:
+                self.worker_errors[r["worker"]] = r["traceback"]  # the death itself decides
+                return ""
+            self.failure = self.failure or f"{r['process']} failed:\n{r['traceback']}"
+            return "failed"
+        if kind == "checkpoint":
+            self.last_checkpoint = r["update"]
+        elif kind == "server_done":
+            self.server_done = True
+            return r["reason"]
+        elif kind == "worker_done":
+            return "max_epochs"
+        elif kind == "ready":
+            self.ready += 1
+            if self.ready == self.config.workers:  # everyone has started: the clock starts now
+                self.go.set()
+                self.start = self.log.t0 = time.monotonic()
+        return ""
+
     def _check_health(self) -> str:
-        """Why the run must stop now (a time limit, a process that died), or ''."""
+        """Why the run must stop now (a time limit, a process that died), or ''. A dead worker
+        is replaced while --max-restarts allows."""
         c, now = self.config, time.monotonic()
         if not self.go.is_set() and now - self.start > c.timeout:
             self.failure = f"the workers did not start within {c.timeout:.0f} s (--timeout)"
             return "failed"
-        for p in self.procs:
-            if p.exitcode is not None and p.exitcode != 0:
-                self.failure = f"{p.name} died ({_exit_text(p.exitcode)}) without reporting an error"
+        for i, p in enumerate(self.procs):
+            if p.exitcode is None or p.exitcode == 0:
+                continue
+            reason = self._poll(0.2)  # an error record sent just before dying
+            if reason:
+                return reason
+            if i == 0:
+                self.failure = self._server_died(_exit_text(p.exitcode))
                 return "failed"
+            rank = i - 1
+            tb = self.worker_errors.pop(rank, "")
+            cause = tb.strip().splitlines()[-1] if tb else _exit_text(p.exitcode)
+            if len(self.log.restarts) >= c.max_restarts:
+                self.failure = (f"worker {rank} died ({cause})" + (f":\n{tb}" if tb else "")
+                                + f"\n{len(self.log.restarts)} of --max-restarts {c.max_restarts} replacements "
+                                "were used; the run stops with its checkpoint")
+                return "failed"
+            self.log.on_restart(rank, cause)
+            print(f"pyasgd: worker {rank} died ({cause}); starting a replacement "
+                  f"({len(self.log.restarts)} of --max-restarts {c.max_restarts})" + (f"\n{tb}" if tb else ""),
+                  file=sys.stderr)
+            p.join(1)
+            self.procs[i] = self._start_worker(rank)
         if c.max_time and self.go.is_set() and now - self.start >= c.max_time:
             return "max_time"
         return ""
+
+    def _server_died(self, how: str) -> str:
+        where = (f"its last checkpoint, {self.ckpt_path}, holds update {self.last_checkpoint}"
+                 if self.last_checkpoint is not None and os.path.exists(self.ckpt_path)
+                 else "it wrote no checkpoint (set --save-every to keep one)")
+        return (f"the server died ({how}); the updates since its last checkpoint are lost and it cannot be "
+                f"replaced: {where}. Continue with: pyasgd-train --resume {self.run_dir}")
 
     def _stop(self) -> None:
         """Ask the server to finish (it writes the last checkpoint), then release everyone who
@@ -201,6 +257,10 @@ class Launcher:
             if p.is_alive():
                 p.kill()
             p.join(5)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 def _drain(queue, timeout: float) -> list[dict]:

@@ -36,6 +36,8 @@ class RunLog:
         self.bad_validations = 0
         self.workers: dict[int, dict[str, Any]] = {}
         self.targets = {t: None for t in config.targets()}  # first (wall_s, update) reaching each
+        self.restarts: list[dict[str, Any]] = []  # workers replaced: rank, update, cause
+        self.retired: list[dict[str, Any]] = []   # the last progress record of each replaced worker
 
     # -- records ------------------------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
@@ -63,6 +65,14 @@ class RunLog:
     def on_progress(self, r: dict[str, Any]) -> None:
         self.workers[r["worker"]] = r
         self.write(r)
+
+    def on_restart(self, rank: int, cause: str) -> None:
+        r = {"kind": "restart", "worker": rank, "update": self.updates, "time": round(self.elapsed, 3),
+             "cause": cause}
+        self.write(r)
+        self.restarts.append({k: r[k] for k in ("worker", "update", "cause")})
+        if rank in self.workers:  # its compute and wait time still count; the replacement starts at 0
+            self.retired.append(self.workers.pop(rank))
 
     def on_valid(self, update: int, metrics: dict[str, float]) -> bool:
         """Records a validation; returns True when it is the best so far."""
@@ -106,8 +116,9 @@ class RunLog:
 
     def summary(self, *, stopped_because: str, wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         c = self.config
-        wait = sum(w.get("wait_s", 0.0) for w in self.workers.values())
-        compute = sum(w.get("compute_s", 0.0) for w in self.workers.values())
+        every = [*self.workers.values(), *self.retired]
+        wait = sum(w.get("wait_s", 0.0) for w in every)
+        compute = sum(w.get("compute_s", 0.0) for w in every)
         s = {
             "mode": c.mode, "workers": c.workers, "local_accum": c.local_accum, "global_accum": c.G,
             "pull_every": c.pull_every, "stale_policy": c.stale_policy, "task": c.task,
@@ -118,6 +129,7 @@ class RunLog:
             "staleness_hist": {str(k): v for k, v in sorted(self.staleness.items())},
             "dropped_gradients": self.dropped,
             "worker_compute_s": round(compute, 3), "worker_wait_s": round(wait, 3),
+            "worker_restarts": len(self.restarts), "restarts": list(self.restarts),
             "best_valid": self.best, "best_valid_update": self.best_update,
             "primary_metric": self.task.primary,
             "final_valid": self.valid[-1] if self.valid else None,

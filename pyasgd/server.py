@@ -4,7 +4,6 @@ the real server process (`server_main`) and the simulator."""
 from __future__ import annotations
 
 import os
-import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import torch
 from pyasgd import _ext
 from pyasgd.config import TrainConfig
 from pyasgd.optim import fused_adam_step
+from pyasgd.proc import become_child
 from pyasgd.schedule import learning_rate
 
 
@@ -129,7 +129,7 @@ class ServerArgs:
 
 def server_main(args: ServerArgs) -> None:
     """The server process: collect G gradients, update, publish, until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher coordinates shutdown
+    become_child("pyasgd-server")
     q = args.queue
     try:
         _serve(args)

@@ -4,7 +4,6 @@ In sync mode it waits after each push until the server has used it (the barrier)
 from __future__ import annotations
 
 import os
-import signal
 import time
 import traceback
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 
 from pyasgd import _ext
 from pyasgd.config import TrainConfig
+from pyasgd.proc import become_child
 from pyasgd.run import local_gradient
 
 
@@ -28,7 +28,7 @@ class WorkerArgs:
 
 
 def worker_main(args: WorkerArgs) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher coordinates shutdown
+    become_child(worker_name(args.rank))
     config = args.config
     threads = config.worker_threads()
     _ext.set_cpu_threads(threads)  # the push's copy runs on the kernels' pool
@@ -36,8 +36,15 @@ def worker_main(args: WorkerArgs) -> None:
     try:
         _work(args, config)
     except Exception:
-        args.queue.put({"kind": "error", "process": f"worker {args.rank}", "traceback": traceback.format_exc()})
+        args.queue.put({"kind": "error", "process": f"worker {args.rank}", "worker": args.rank,
+                        "traceback": traceback.format_exc()})
         raise SystemExit(1)
+
+
+def worker_name(rank: int) -> str:
+    """The process name of worker `rank`: at most the 15 characters a process name keeps."""
+    name = f"pyasgd-worker-{rank}"
+    return name if len(name) <= 15 else f"pyasgd-w{rank}"
 
 
 def _fault() -> tuple[int, int] | None:

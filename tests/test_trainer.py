@@ -206,13 +206,26 @@ def test_real_run_checkpoint_and_resume(tmp_path):
 
 
 @pytest.mark.slow
-def test_worker_raising_stops_the_run(tmp_path, monkeypatch):
+def test_worker_raising_stops_the_run_without_restarts(tmp_path, monkeypatch):
     monkeypatch.setenv("PYASGD_TEST_FAULT", "raise:1:5")
     with pytest.raises(TrainingError, match=r"worker 1 failed(.|\n)*injected fault"):
-        train(cfg(tmp_path, workers=2, max_updates=10_000))
+        train(cfg(tmp_path, workers=2, max_updates=10_000, max_restarts=0))
     summary = read_json(tmp_path / "run" / "summary.json")
     assert summary["stopped_because"].startswith("failed: worker 1 failed")
+    assert summary["worker_restarts"] == 0
     assert os.path.exists(tmp_path / "run" / "checkpoint.pt")  # the master state was sound
+
+
+@pytest.mark.slow
+def test_a_worker_that_keeps_failing_uses_up_its_restarts(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYASGD_TEST_FAULT", "raise:1:5")  # every incarnation of worker 1 raises
+    with pytest.raises(TrainingError, match=r"worker 1 died \(RuntimeError: injected fault(.|\n)*2 of --max-restarts 2"):
+        train(cfg(tmp_path, workers=2, max_updates=10_000, max_restarts=2))
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["worker_restarts"] == 2 and [r["worker"] for r in summary["restarts"]] == [1, 1]
+    assert "injected fault" in summary["restarts"][0]["cause"]
+    assert len(records(str(tmp_path / "run"), "restart")) == 2
+    assert checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))["server"]["step"] > 0  # saved on the way out
 
 
 # --- the CLI, as a user runs it -------------------------------------------------------------------
@@ -284,13 +297,80 @@ def test_sigint_stops_cleanly_with_130(tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_worker_fails_the_run_cleanly(tmp_path):
-    p, kids = start_cli(tmp_path)
-    workers = [k for k in kids if "spawn_main" in read_text(f"/proc/{k}/cmdline")]
-    os.kill(workers[-1], signal.SIGKILL)
+def test_killed_worker_fails_the_run_cleanly_without_restarts(tmp_path):
+    p, kids = start_cli(tmp_path, "--max-restarts", "0")
+    os.kill(role(kids, "pyasgd-worker-1"), signal.SIGKILL)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 1
     assert "died (killed by SIGKILL)" in err
+    assert_all_gone(kids)
+
+
+def role(kids, name):
+    """The pid of the run's process named `name` (`ps -o comm`)."""
+    named = {read_text(f"/proc/{k}/comm").strip(): k for k in kids if not gone(k)}
+    assert name in named, named
+    return named[name]
+
+
+@pytest.mark.slow
+def test_processes_are_named_by_role(tmp_path):
+    p, kids = start_cli(tmp_path)
+    try:
+        names = sorted(read_text(f"/proc/{k}/comm").strip() for k in kids)
+        assert {"pyasgd-server", "pyasgd-worker-0", "pyasgd-worker-1"} <= set(names), names
+        assert read_text(f"/proc/{p.pid}/comm").strip() == "pyasgd-train"
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.communicate(timeout=120)
+    assert_all_gone(kids, within=2.0)  # the launcher reaped everyone, its resource tracker too
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path, mode):
+    p, kids = start_cli(tmp_path, "--mode", mode, "--compute-delay", "0.01", "--max-updates", "1500",
+                        "--save-every", "500")
+    victim = role(kids, "pyasgd-worker-1")
+    os.kill(victim, signal.SIGKILL)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err
+    assert "worker 1 died (killed by SIGKILL); starting a replacement" in err
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["stopped_because"] == "max_updates" and summary["updates"] == 1500
+    assert summary["worker_restarts"] == 1
+    assert summary["restarts"][0]["worker"] == 1 and "SIGKILL" in summary["restarts"][0]["cause"]
+    assert [r["worker"] for r in records(str(tmp_path / "run"), "restart")] == [1]
+    after = [r for r in records(str(tmp_path / "run"), "update") if r["update"] > summary["restarts"][0]["update"] + 50]
+    assert any(1 in r["workers"] for r in after)  # the replacement's gradients are applied
+    assert_all_gone(kids)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops_like_ctrl_c(tmp_path):
+    p, kids = start_cli(tmp_path)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 143, err
+    assert "terminated" in err
+    summary = read_json(tmp_path / "run" / "summary.json")
+    assert summary["stopped_because"] == "terminated"
+    saved = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))  # the server saved on the way out
+    assert saved["server"]["step"] >= summary["updates"] - 1 > 0
+    assert_all_gone(kids)
+
+
+@pytest.mark.slow
+def test_a_killed_server_stops_the_run_naming_the_checkpoint_and_resume(tmp_path):
+    p, kids = start_cli(tmp_path, "--save-every", "20")
+    deadline = time.time() + 60
+    while not records(str(tmp_path / "run"), "checkpoint") and time.time() < deadline:
+        time.sleep(0.1)
+    os.kill(role(kids, "pyasgd-server"), signal.SIGKILL)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1
+    assert "the server died (killed by SIGKILL)" in err and "holds update" in err
+    assert f"pyasgd-train --resume {tmp_path / 'run'}" in err
     assert_all_gone(kids)
 
 
