@@ -128,6 +128,14 @@ class SharedRegion:
     def attach(cls, name: str, *, pin: bool = False) -> SharedRegion:
         return cls(_C.Region.attach(name), pin=pin)
 
+    @staticmethod
+    def unlink(name: str) -> None:
+        """Remove the segment `name` (its owner died); processes attached keep their mapping."""
+        try:
+            os.unlink(os.path.join("/dev/shm", name))
+        except FileNotFoundError:
+            pass
+
     def _pin(self) -> None:
         """Register the mapping as pinned memory so CUDA copies go by DMA."""
         if not torch.cuda.is_available():

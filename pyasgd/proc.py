@@ -4,30 +4,59 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import signal
 import sys
 
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 PR_SET_NAME = 15  # prctl(2): the thread's comm, at most 15 bytes
+_parent_gone = False
+
+
+def _prctl(option: int, arg) -> bool:
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(option, arg, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def set_name(name: str) -> None:
     """Name this process (what `ps -o comm`, `top` and `pkill -x` see); a no-op off Linux."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
-    except (OSError, AttributeError):
-        pass  # a name is a convenience, never a reason to fail
+    _prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]))  # a convenience: never fails the run
 
 
-def become_child(name: str) -> None:
-    """What every server and worker process does first: take its name, and ignore the signals a
-    terminal or a scheduler sends to the whole process group, so the launcher can stop the run
-    in order (the server saves before anyone goes)."""
+def become_child(name: str, *, on_parent_death: str = "die") -> None:
+    """What every server and worker process does first: take its name, ignore the signals a
+    terminal or a scheduler sends to the whole process group (so the launcher can stop the run in
+    order: the server saves before anyone goes), and arrange not to outlive the launcher should
+    it be killed outright: on_parent_death="die" (a worker: SIGKILL), or "flag" (the server:
+    parent_gone() turns true, so it can save and leave)."""
     set_name(name)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if on_parent_death == "flag":
+        signal.signal(signal.SIGUSR1, _on_parent_death)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL if on_parent_death == "die" else signal.SIGUSR1)
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # it died before the prctl took hold
+        if on_parent_death == "die":
+            os._exit(1)
+        _on_parent_death(signal.SIGUSR1, None)
+
+
+def _on_parent_death(signum, frame) -> None:
+    global _parent_gone
+    _parent_gone = True
+
+
+def parent_gone() -> bool:
+    """True once the launcher that spawned this process has died."""
+    return _parent_gone
 
 
 def stop_resource_tracker() -> None:

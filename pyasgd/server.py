@@ -13,7 +13,7 @@ import torch
 from pyasgd import _ext
 from pyasgd.config import TrainConfig
 from pyasgd.optim import fused_adam_step
-from pyasgd.proc import become_child
+from pyasgd.proc import become_child, parent_gone
 from pyasgd.schedule import learning_rate
 
 
@@ -129,7 +129,7 @@ class ServerArgs:
 
 def server_main(args: ServerArgs) -> None:
     """The server process: collect G gradients, update, publish, until told to stop."""
-    become_child("pyasgd-server")
+    become_child("pyasgd-server", on_parent_death="flag")
     q = args.queue
     try:
         _serve(args)
@@ -173,6 +173,9 @@ def _serve(args: ServerArgs) -> None:
 
         held = []  # gradients taken into the accumulation, one at a time in arrival order
         while not args.stop.is_set():
+            if parent_gone():  # the launcher was killed outright: save, and leave nothing behind
+                reason = "launcher died"
+                break
             try:
                 taken = region.collect(1, timeout=0.25)
             except RegionTimeoutError:
@@ -204,3 +207,6 @@ def _serve(args: ServerArgs) -> None:
                "skipped": up.skipped})
     finally:
         region.close()
+        if parent_gone():
+            q.cancel_join_thread()  # nobody reads the queue any more: do not wait to flush it
+            SharedRegion.unlink(args.region)  # its owner is dead: remove the segment now

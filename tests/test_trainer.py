@@ -361,6 +361,19 @@ def test_sigterm_saves_and_stops_like_ctrl_c(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_killed_launcher_leaves_nothing_and_its_checkpoint_resumes(tmp_path):
+    p, kids = start_cli(tmp_path)
+    p.kill()
+    p.communicate(timeout=30)  # reaped, as a shell would
+    assert_all_gone(kids, within=30.0)  # workers die with it; the server saves first, then leaves
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"pyasgd-{p.pid}-")]
+    saved = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))
+    assert saved["server"]["step"] > 0
+    summary = train(cfg(tmp_path, workers=2, max_updates=saved["server"]["step"] + 20, resume=str(tmp_path / "run")))
+    assert summary["updates"] == saved["server"]["step"] + 20
+
+
+@pytest.mark.slow
 def test_a_killed_server_stops_the_run_naming_the_checkpoint_and_resume(tmp_path):
     p, kids = start_cli(tmp_path, "--save-every", "20")
     deadline = time.time() + 60
