@@ -48,12 +48,20 @@ def worker_name(rank: int) -> str:
 
 
 def _fault() -> tuple[int, int] | None:
-    """Tests inject a failure with PYASGD_TEST_FAULT=raise:<rank>:<after pushes>."""
+    """Tests inject a failure with PYASGD_TEST_FAULT=raise:<rank>:<after pushes>[:once:<marker
+    file>]: every incarnation of worker <rank> raises, or with `once` only the first (it creates
+    the marker; a replacement that finds it goes on)."""
     spec = os.environ.get("PYASGD_TEST_FAULT", "")
-    if spec.startswith("raise:"):
-        _, rank, after = spec.split(":")
-        return int(rank), int(after)
-    return None
+    if not spec.startswith("raise:"):
+        return None
+    parts = spec.split(":")
+    if len(parts) >= 5 and parts[3] == "once":
+        marker = ":".join(parts[4:])
+        try:
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return None
+    return int(parts[1]), int(parts[2])
 
 
 def _work(args: WorkerArgs, config: TrainConfig) -> None:
