@@ -14,6 +14,7 @@
 #include <cerrno>
 #include <chrono>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <thread>
@@ -35,6 +36,30 @@ using Clock = std::chrono::steady_clock;
 std::string errno_text(const std::string& what) { return what + ": " + std::strerror(errno); }
 
 bool pid_dead(int pid) { return pid > 0 && kill(pid, 0) == -1 && errno == ESRCH; }
+
+// Where segments live: /dev/shm unless PYASGD_SHM_DIR names another (tmpfs) directory, read on
+// every call so a process and the children it spawns agree. A segment is opened as a plain file
+// there (what shm_open does under /dev/shm), so any directory works the same way.
+std::string shm_dir() {
+  const char* env = std::getenv("PYASGD_SHM_DIR");
+  std::string d = env && *env ? env : "/dev/shm";
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  return d;
+}
+
+// Test-only: PYASGD_TEST_REGION_DELAY=<point>:<ms> sleeps at one named step of the protocol, so
+// the tests can force the interleavings that are otherwise a matter of luck. Read once.
+void test_delay(const char* point) {
+  static const std::pair<std::string, int> cfg = [] {
+    const char* env = std::getenv("PYASGD_TEST_REGION_DELAY");
+    std::string spec = env ? env : "";
+    auto colon = spec.find(':');
+    if (colon == std::string::npos) return std::make_pair(std::string(), 0);
+    return std::make_pair(spec.substr(0, colon), std::atoi(spec.c_str() + colon + 1));
+  }();
+  if (cfg.second > 0 && cfg.first == point)
+    std::this_thread::sleep_for(std::chrono::milliseconds(cfg.second));
+}
 
 // Shared (not private) futex: the word lives in memory mapped by several processes.
 void futex_wait(std::atomic<uint32_t>* word, uint32_t expected, double seconds) {
@@ -108,28 +133,34 @@ std::unique_ptr<Region> Region::create(uint64_t n, uint64_t slots) {
   const size_t total = header + 2 * buf + metas + slots * buf;
 
   std::random_device rd;
+  const std::string dir = shm_dir();
   std::unique_ptr<Region> r(new Region());
   int fd = -1;
   for (int attempt = 0; attempt < 16 && fd < 0; ++attempt) {
     char name[64];
-    std::snprintf(name, sizeof(name), "/pyasgd-%d-%08x%08x", getpid(), rd(), rd());
-    fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
-    if (fd >= 0) r->name_ = name + 1;
-    else if (errno != EEXIST) throw std::runtime_error(errno_text("shm_open(" + std::string(name) + ")"));
+    std::snprintf(name, sizeof(name), "pyasgd-%d-%08x%08x", getpid(), rd(), rd());
+    std::string path = dir + "/" + name;
+    fd = ::open(path.c_str(), O_CREAT | O_EXCL | O_RDWR | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+      r->name_ = name;
+      r->path_ = path;
+    } else if (errno != EEXIST) {
+      throw std::runtime_error(errno_text("creating the shared region " + path));
+    }
   }
-  if (fd < 0) throw std::runtime_error("could not find a free shared-memory name");
+  if (fd < 0) throw std::runtime_error("could not find a free shared-memory name in " + dir);
   r->owner_ = true;
   if (ftruncate(fd, static_cast<off_t>(total)) != 0) {
     int e = errno;
     ::close(fd);
-    shm_unlink(("/" + r->name_).c_str());
+    ::unlink(r->path_.c_str());
     errno = e;
     throw std::runtime_error(errno_text("ftruncate of shared region to " + std::to_string(total) + " bytes (is /dev/shm large enough?)"));
   }
   void* base = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ::close(fd);
   if (base == MAP_FAILED) {
-    shm_unlink(("/" + r->name_).c_str());
+    ::unlink(r->path_.c_str());
     throw std::runtime_error(errno_text("mmap of shared region"));
   }
   r->base_ = base;
@@ -155,17 +186,20 @@ std::unique_ptr<Region> Region::create(uint64_t n, uint64_t slots) {
 }
 
 std::unique_ptr<Region> Region::attach(const std::string& name) {
-  std::string path = name.empty() || name[0] != '/' ? "/" + name : name;
-  int fd = shm_open(path.c_str(), O_RDWR, 0);
+  const std::string bare = !name.empty() && name[0] == '/' ? name.substr(1) : name;  // shm_open style
+  if (bare.empty() || bare.find('/') != std::string::npos)
+    throw std::invalid_argument("'" + name + "' is not a shared region name (expected pyasgd-...)");
+  const std::string path = shm_dir() + "/" + bare;
+  int fd = ::open(path.c_str(), O_RDWR | O_NOFOLLOW | O_CLOEXEC);
   if (fd < 0) {
     if (errno == ENOENT)
-      throw std::invalid_argument("no shared region named '" + path.substr(1) + "' (did its run end, or is the name mistyped?)");
-    throw std::runtime_error(errno_text("shm_open(" + path + ")"));
+      throw std::invalid_argument("no shared region named '" + bare + "' in " + shm_dir() + " (did its run end, or is the name mistyped?)");
+    throw std::runtime_error(errno_text("opening " + path));
   }
   struct stat st;
   if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) < sizeof(Header)) {
     ::close(fd);
-    throw std::invalid_argument("'" + path.substr(1) + "' is not a pyasgd shared region (too small)");
+    throw std::invalid_argument("'" + bare + "' is not a pyasgd shared region (too small)");
   }
   void* base = mmap(nullptr, st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   ::close(fd);
@@ -174,11 +208,12 @@ std::unique_ptr<Region> Region::attach(const std::string& name) {
   if (reinterpret_cast<std::atomic<uint64_t>*>(&h->magic)->load(std::memory_order_acquire) != kRegionMagic ||
       h->layout_version != kLayoutVersion || h->total_bytes != static_cast<uint64_t>(st.st_size)) {
     munmap(base, st.st_size);
-    throw std::invalid_argument("'" + path.substr(1) + "' is not a pyasgd shared region of layout " +
+    throw std::invalid_argument("'" + bare + "' is not a pyasgd shared region of layout " +
                                 std::to_string(kLayoutVersion) + " (wrong magic, layout or size)");
   }
   std::unique_ptr<Region> r(new Region());
-  r->name_ = path.substr(1);
+  r->name_ = bare;
+  r->path_ = path;
   r->base_ = base;
   r->size_ = st.st_size;
   r->h_ = h;
@@ -187,12 +222,13 @@ std::unique_ptr<Region> Region::attach(const std::string& name) {
 
 int Region::sweep_stale() {
   int removed = 0;
-  DIR* d = opendir("/dev/shm");
+  const std::string dir = shm_dir();
+  DIR* d = opendir(dir.c_str());
   if (!d) return 0;
   while (dirent* e = readdir(d)) {
     if (std::strncmp(e->d_name, "pyasgd-", 7) != 0) continue;
-    std::string path = std::string("/") + e->d_name;
-    int fd = shm_open(path.c_str(), O_RDONLY, 0);
+    std::string path = dir + "/" + e->d_name;
+    int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) continue;
     struct stat st;
     bool stale = false;
@@ -205,7 +241,7 @@ int Region::sweep_stale() {
       }
     }
     ::close(fd);
-    if (stale && shm_unlink(path.c_str()) == 0) ++removed;
+    if (stale && ::unlink(path.c_str()) == 0) ++removed;
   }
   closedir(d);
   return removed;
@@ -218,7 +254,7 @@ Region::~Region() {
 
 void Region::unlink() {
   if (!unlinked_) {
-    shm_unlink(("/" + name_).c_str());
+    ::unlink(path_.c_str());
     unlinked_ = true;
   }
 }
@@ -259,6 +295,7 @@ uint64_t Region::end_write(bool publish) {
 void Region::read_begin(uint64_t* version, int* index, uint64_t* seq) const {
   for (;;) {
     int idx = static_cast<int>(h_->published.load(std::memory_order_acquire) & 1);
+    test_delay("read");
     uint64_t s = h_->buf_seq[idx].load(std::memory_order_acquire);
     if (s & 1) {  // only when the server lapped us: it is rewriting what we were told is current
       cpu_relax();
@@ -299,6 +336,7 @@ std::vector<Reclaimed> Region::reclaim_dead() {
   for (uint64_t k = 0; k < h_->slots; ++k) {
     SlotMeta& s = meta(static_cast<int>(k));
     if (s.state.load(std::memory_order_acquire) != kWriting || !pid_dead(s.owner_pid)) continue;
+    test_delay("reclaim");
     uint32_t expected = kWriting;
     int pid = s.owner_pid, worker = s.worker;
     if (s.state.compare_exchange_strong(expected, kFree)) {
@@ -323,6 +361,7 @@ int Region::claim(int worker, double timeout) {
       uint32_t expected = kFree;
       if (s.state.load(std::memory_order_relaxed) == kFree &&
           s.state.compare_exchange_strong(expected, kWriting, std::memory_order_acquire)) {
+        test_delay("claim");
         s.owner_pid = pid;
         s.worker = worker;
         got = k;

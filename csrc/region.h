@@ -101,6 +101,7 @@ class Region {
   ~Region();
 
   const std::string& name() const { return name_; }
+  const std::string& path() const { return path_; }  // the segment's file (PYASGD_SHM_DIR/name)
   uint64_t n() const { return h_->n; }
   uint64_t slots() const { return h_->slots; }
   bool is_owner() const { return owner_; }
@@ -144,7 +145,7 @@ class Region {
   float* param_ptr(int i) const;
   float* slot_ptr(int k) const;
 
-  std::string name_;
+  std::string name_, path_;
   void* base_ = nullptr;
   size_t size_ = 0;
   Header* h_ = nullptr;

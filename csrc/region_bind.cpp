@@ -37,6 +37,7 @@ void bind_region(py::module_& m) {
       .def_static("attach", &Region::attach, py::arg("name"))
       .def_static("sweep_stale", &Region::sweep_stale)
       .def_property_readonly("name", &Region::name)
+      .def_property_readonly("path", &Region::path)
       .def_property_readonly("n", &Region::n)
       .def_property_readonly("slots", &Region::slots)
       .def_property_readonly("is_owner", &Region::is_owner)

@@ -52,6 +52,7 @@ class Region:
     @staticmethod
     def sweep_stale() -> int: ...
     name: str
+    path: str
     n: int
     slots: int
     is_owner: bool
