@@ -1,16 +1,36 @@
-// The shared region: one POSIX shared-memory segment per run holding a header of atomics, the
-// published parameters (two buffers, each behind its own seqlock) and a ring of K gradient slots.
+// The shared region: one shared-memory segment per run (a file in /dev/shm, or PYASGD_SHM_DIR)
+// holding a header of atomics, the published parameters (two buffers, each behind its own
+// seqlock) and a ring of K gradient slots.
 //
 // Parameters: the server writes the buffer that is not published (begin_write/end_write) and
 // then flips the published word (version << 1 | buffer). A reader copies the published buffer
 // and validates that buffer's sequence number afterwards: an odd or changed number means the
 // server started overwriting it (the reader fell a whole update behind) and the copy is retried.
-// Readers never block the server, and a pull never returns a mix of two versions.
+// A buffer's version stamp is written while its sequence is odd, so it is read under the same
+// seqlock as the data; a write that is not published (end_write(false)) stamps the buffer
+// invalid, so a reader that picked it before it became the back buffer retries instead of
+// returning half-written data under an old version. Readers never block the server, a pull
+// never returns a mix of two versions, and the versions one reader sees never go backwards.
 //
-// Gradient slots: FREE -> WRITING by compare-and-swap (any pusher), WRITING -> READY after the
-// copy (the pusher), READY -> READING by the single consumer (the server), READING -> FREE on
-// release. A WRITING slot whose owner process is dead is reclaimed (-> FREE) by whoever waits.
+// Gradient slots: each slot's ownership is one 64-bit word {state, generation, pid}, and every
+// transition is a compare-and-swap from the exact word the actor observed:
+//   FREE -> WRITING   claim: any pusher; new generation and its pid in the same CAS
+//   WRITING -> READY  commit: the pusher, from the word its claim installed
+//   WRITING -> FREE   abandon: the pusher, likewise; reclaim: anyone, from the word in which it
+//                     saw a dead pid (a slot re-claimed meanwhile has another generation)
+//   READY -> READING  collect: the single consumer (the server)
+//   READING -> FREE   release: the server
+// So two reclaimers, or a reclaimer racing a claimer, can never free a slot a live pusher holds,
+// and a second commit (or an abandon after commit) cannot change a slot the server is reading.
 // Waiting spins briefly, then sleeps on a futex; wakers only make the syscall when someone sleeps.
+//
+// Lifetime: the creator (owner) keeps the segment's file open and flock()ed for the region's
+// life; the stale-segment sweep removes only segments nobody holds that lock on, so liveness does
+// not depend on pids (wrong across PID namespaces). Attachers never take the lock and forked
+// children drop it (pthread_atfork), so only the owner process keeps a segment alive: if the
+// launcher dies while workers still run, the next create() removes the name; the workers keep
+// their mapping (a mapped file outlives its name) until they exit. The mapping itself is shared
+// (std::shared_ptr) with every buffer view handed out, so views never dangle.
 #pragma once
 #include <atomic>
 #include <cstddef>
@@ -23,27 +43,38 @@
 namespace pyasgd {
 
 constexpr uint64_t kRegionMagic = 0x3130445347534150ULL;  // "PASGSD01" little-endian
-constexpr uint32_t kLayoutVersion = 3;
+constexpr uint32_t kLayoutVersion = 4;  // 4: one ownership word per slot, flock liveness
+constexpr uint64_t kMaxSlots = 1 << 16;  // slot indices are ints; real rings hold tens
+constexpr uint64_t kInvalidVersion = ~0ULL;  // buf_version of a buffer holding a failed write
 
 enum SlotState : uint32_t { kFree = 0, kWriting = 1, kReady = 2, kReading = 3 };
 
+// The ownership word: state in bits 0-7, generation (bumped by every claim) in bits 8-31,
+// pid of the pusher that claimed it in bits 32-63 (0 when FREE).
+namespace slot_word {
+constexpr uint64_t make(uint32_t state, uint32_t gen, uint32_t pid) {
+  return uint64_t{state} | (uint64_t{gen & 0xFFFFFFu} << 8) | (uint64_t{pid} << 32);
+}
+constexpr uint32_t state(uint64_t w) { return static_cast<uint32_t>(w & 0xFF); }
+constexpr uint32_t gen(uint64_t w) { return static_cast<uint32_t>((w >> 8) & 0xFFFFFF); }
+constexpr int pid(uint64_t w) { return static_cast<int>(static_cast<uint32_t>(w >> 32)); }
+}  // namespace slot_word
+
 struct alignas(64) SlotMeta {
-  std::atomic<uint32_t> state;
-  int32_t owner_pid;  // pid of the pusher holding it (WRITING/READY)
-  int32_t worker;
-  uint32_t pad_;
+  std::atomic<uint64_t> own;  // {state, generation, pid}, see slot_word
+  int32_t worker;     // written by the claimer after its CAS: informational (reclaim reports)
+  float bound;        // max |g| measured while copying in (+inf: not finite; < 0: unknown)
   uint64_t version;   // parameter version the gradient was computed from
   uint64_t tokens;
   uint64_t push_seq;  // arrival order, unique per region
   double loss;
-  float bound;  // max |g| measured while copying in (+inf: not finite; < 0: unknown)
   std::atomic<uint32_t> acks;  // ++ when the server has processed what the slot held
 };
 
 struct alignas(64) Header {
   uint64_t magic;
   uint32_t layout_version;
-  int32_t owner_pid;
+  int32_t owner_pid;  // informational only: liveness is the owner's flock (see above)
   uint64_t n;         // parameters (fp32 elements)
   uint64_t slots;     // K
   uint64_t param_offset[2];
@@ -53,7 +84,7 @@ struct alignas(64) Header {
   uint64_t total_bytes;
   alignas(64) std::atomic<uint64_t> published;  // version << 1 | buffer index
   alignas(64) std::atomic<uint64_t> buf_seq[2];  // seqlocks: odd while being written
-  std::atomic<uint64_t> buf_version[2];          // version each buffer holds
+  std::atomic<uint64_t> buf_version[2];          // version each buffer holds (kInvalidVersion)
   alignas(64) std::atomic<uint64_t> push_seq;
   std::atomic<uint64_t> reclaimed;
   std::atomic<uint32_t> closed;
@@ -67,17 +98,39 @@ struct alignas(64) Header {
   std::atomic<uint32_t> ack_sleepers;
 };
 
+// Where everything lies in the segment: computed from (n, slots) with overflow checks, by create()
+// to lay it out and by attach() to check the header against; each Region keeps its own copy.
+struct Layout {
+  uint64_t n = 0, slots = 0;
+  uint64_t param_offset[2] = {0, 0};
+  uint64_t slot_meta_offset = 0, slot_data_offset = 0, slot_stride = 0, total_bytes = 0;
+};
+
+// The mapping, shared by the Region and every view of its memory handed out (the last one unmaps).
+struct Mapping {
+  void* base = nullptr;
+  size_t size = 0;
+  Mapping(void* b, size_t s) : base(b), size(s) {}
+  ~Mapping();
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+};
+
 // What a pusher keeps to wait for the server to process its gradient.
 struct Ticket {
-  uint64_t push_seq;
-  int slot;
-  uint32_t acks;  // the slot's ack count when the gradient was committed
+  uint64_t push_seq = 0;
+  int slot = -1;
+  uint32_t acks = 0;  // the slot's ack count when the gradient was committed
 };
 
 struct TimeoutError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 struct ClosedError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// The segment's directory has no room for the region (create() reserves all of it up front).
+struct SpaceError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
@@ -97,17 +150,20 @@ class Region {
  public:
   static std::unique_ptr<Region> create(uint64_t n, uint64_t slots);
   static std::unique_ptr<Region> attach(const std::string& name);
-  static int sweep_stale();  // unlinks pyasgd-* segments whose owner is dead; returns how many
+  // Unlinks pyasgd-* segments of this user whose owner's lock is free (owner dead); returns how many.
+  static int sweep_stale();
   ~Region();
 
   const std::string& name() const { return name_; }
-  uint64_t n() const { return h_->n; }
-  uint64_t slots() const { return h_->slots; }
-  bool is_owner() const { return owner_; }
-  void* base() const { return base_; }
-  size_t size() const { return size_; }
-  uint64_t param_offset(int i) const { return h_->param_offset[i]; }
-  uint64_t slot_offset(int k) const { return h_->slot_data_offset + k * h_->slot_stride; }
+  const std::string& path() const { return path_; }  // the segment's file (PYASGD_SHM_DIR/name)
+  uint64_t n() const { return lay_.n; }
+  uint64_t slots() const { return lay_.slots; }
+  bool is_owner() const;  // the creating process only (not a fork of it)
+  void* base() const { return map_->base; }
+  size_t size() const { return map_->size; }
+  std::shared_ptr<Mapping> mapping() const { return map_; }
+  uint64_t param_offset(int i) const;
+  uint64_t slot_offset(int k) const;
 
   uint64_t version() const { return h_->published.load(std::memory_order_acquire) >> 1; }
   uint64_t reclaimed() const { return h_->reclaimed.load(); }
@@ -115,9 +171,9 @@ class Region {
   void close();  // wakes every waiter; later waits raise ClosedError
   void unlink();
 
-  // Parameters
-  int begin_write();               // the back buffer's index, now marked odd
-  uint64_t end_write(bool publish);  // publish: version+1 now visible; returns published version
+  // Parameters (one writer: the server)
+  int begin_write();                 // the back buffer's index, now marked odd
+  uint64_t end_write(bool publish);  // publish: version+1 now visible; else the buffer is invalid
   void read_begin(uint64_t* version, int* index, uint64_t* seq) const;
   bool read_validate(int index, uint64_t seq) const;
   uint64_t pull_cpu(float* dst) const;  // full seqlocked copy
@@ -136,19 +192,24 @@ class Region {
   std::vector<Collected> collect(int G, double timeout, std::vector<Reclaimed>* reclaimed);
   void release(const std::vector<int>& slots);
   std::vector<Reclaimed> reclaim_dead();
-  uint32_t slot_state(int k) const { return meta(k).state.load(); }
+  uint32_t slot_state(int k) const;
 
  private:
   Region() = default;
+  void check_slot(int k, const char* what) const;
   SlotMeta& meta(int k) const;
   float* param_ptr(int i) const;
   float* slot_ptr(int k) const;
 
-  std::string name_;
-  void* base_ = nullptr;
-  size_t size_ = 0;
+  std::string name_, path_;
+  std::shared_ptr<Mapping> map_;
   Header* h_ = nullptr;
-  bool owner_ = false;
+  Layout lay_;  // validated copy: never re-read from the shared header
+  // Per slot, the ownership word this object's claim installed (0: none): commit and abandon
+  // CAS from it, so they act only on the claim they made.
+  std::unique_ptr<std::atomic<uint64_t>[]> held_;
+  int creator_pid_ = 0;  // owner only
+  int lock_entry_ = -1;  // owner only: where the locked fd is registered (region.cpp)
   bool unlinked_ = false;
 };
 

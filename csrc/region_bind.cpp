@@ -3,14 +3,27 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <memory>
+
 #include "region.h"
 
 namespace py = pybind11;
 using pyasgd::Region;
 
+namespace {
+// The object behind Region.memory(): it exports the mapping through the buffer protocol and
+// holds a reference to it, so every memoryview and tensor made from it (torch.frombuffer keeps
+// its buffer object) keeps the segment mapped after the Region itself is gone.
+struct RegionMemory {
+  std::shared_ptr<pyasgd::Mapping> map;
+};
+}  // namespace
+
 void bind_region(py::module_& m) {
   py::register_exception<pyasgd::TimeoutError>(m, "RegionTimeoutError", PyExc_TimeoutError);
   py::register_exception<pyasgd::ClosedError>(m, "RegionClosedError", PyExc_RuntimeError);
+  py::register_exception<pyasgd::SpaceError>(m, "RegionSpaceError", PyExc_OSError);
   using nogil = py::call_guard<py::gil_scoped_release>;
 
   py::class_<pyasgd::Collected>(m, "Collected")
@@ -26,6 +39,12 @@ void bind_region(py::module_& m) {
       .def_readonly("pid", &pyasgd::Reclaimed::pid)
       .def_readonly("worker", &pyasgd::Reclaimed::worker);
 
+  py::class_<RegionMemory>(m, "_RegionMemory", py::buffer_protocol())
+      .def_buffer([](RegionMemory& mem) {
+        return py::buffer_info(mem.map->base, 1, py::format_descriptor<uint8_t>::format(), 1,
+                               {static_cast<py::ssize_t>(mem.map->size)}, {1});
+      });
+
   py::class_<pyasgd::Ticket>(m, "Ticket")
       .def(py::init<>())
       .def_readonly("push_seq", &pyasgd::Ticket::push_seq)
@@ -37,6 +56,7 @@ void bind_region(py::module_& m) {
       .def_static("attach", &Region::attach, py::arg("name"))
       .def_static("sweep_stale", &Region::sweep_stale)
       .def_property_readonly("name", &Region::name)
+      .def_property_readonly("path", &Region::path)
       .def_property_readonly("n", &Region::n)
       .def_property_readonly("slots", &Region::slots)
       .def_property_readonly("is_owner", &Region::is_owner)
@@ -45,7 +65,7 @@ void bind_region(py::module_& m) {
       .def_property_readonly("closed", &Region::closed)
       .def_property_readonly("address", [](const Region& r) { return reinterpret_cast<uintptr_t>(r.base()); })
       .def_property_readonly("size", &Region::size)
-      .def("memory", [](const Region& r) { return py::memoryview::from_memory(r.base(), static_cast<py::ssize_t>(r.size())); })
+      .def("memory", [](const Region& r) { return py::memoryview(py::cast(RegionMemory{r.mapping()})); })
       .def("param_offset", &Region::param_offset)
       .def("slot_offset", &Region::slot_offset)
       .def("slot_state", &Region::slot_state)
@@ -56,9 +76,12 @@ void bind_region(py::module_& m) {
       .def("read_begin", [](const Region& r) {
         uint64_t v, s;
         int i;
-        r.read_begin(&v, &i, &s);
+        {
+          py::gil_scoped_release released;  // not around make_tuple: that needs the GIL
+          r.read_begin(&v, &i, &s);
+        }
         return py::make_tuple(v, i, s);
-      }, nogil())
+      })
       .def("read_validate", &Region::read_validate)
       .def("pull_cpu", [](const Region& r, uintptr_t dst) { return r.pull_cpu(reinterpret_cast<float*>(dst)); }, nogil())
       .def("wait_version", &Region::wait_version, nogil())

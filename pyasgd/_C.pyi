@@ -9,6 +9,7 @@ cuda_max_grads: int
 
 class RegionTimeoutError(TimeoutError): ...
 class RegionClosedError(RuntimeError): ...
+class RegionSpaceError(OSError): ...
 
 def adam_step_cpu(param: int, exp_avg: int, exp_avg_sq: int, grads: list[int], n: int, out: int,
                   workspace: int, step: int, lr: float, beta1: float, beta2: float, eps: float,
@@ -52,6 +53,7 @@ class Region:
     @staticmethod
     def sweep_stale() -> int: ...
     name: str
+    path: str
     n: int
     slots: int
     is_owner: bool

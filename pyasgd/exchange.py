@@ -1,5 +1,6 @@
 """The shared region's Python face: versioned parameters and the lock-free gradient ring in one
-POSIX shared-memory segment (csrc/region.h has the protocol), as torch tensors.
+shared-memory segment (csrc/region.h has the protocol), as torch tensors. Segments live in
+/dev/shm, or in the tmpfs directory named by PYASGD_SHM_DIR.
 
     region = SharedRegion.create(n=P, slots=N + G)           # launcher (owner)
     region = SharedRegion.attach(name)                       # worker / server (spawned)
@@ -32,11 +33,13 @@ import torch
 from pyasgd import _ext
 from pyasgd.flat import check_flat
 
-__all__ = ["SharedRegion", "GradientBatch", "RegionTimeoutError", "RegionClosedError", "default_slots"]
+__all__ = ["SharedRegion", "GradientBatch", "RegionTimeoutError", "RegionClosedError", "RegionSpaceError",
+           "default_slots"]
 
 _C = _ext.ext()
 RegionTimeoutError = _C.RegionTimeoutError
 RegionClosedError = _C.RegionClosedError
+RegionSpaceError = _C.RegionSpaceError  # an OSError: the shm directory cannot hold the region
 FREE, WRITING, READY, READING = 0, 1, 2, 3
 
 
@@ -89,7 +92,8 @@ def _install_owner_handlers() -> None:
             if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
                 signal.signal(signal.SIGTERM, _on_signal)
         # SIGINT raises KeyboardInterrupt, which unwinds through `with`/finally and atexit.
-        # SIGKILL cannot be handled: the next create() sweeps segments whose owner is dead.
+        # SIGKILL cannot be handled: the next create() sweeps segments whose owner is dead (the
+        # kernel dropped the owner's lock on the segment with its last file descriptor).
 
 
 class SharedRegion:
@@ -117,7 +121,9 @@ class SharedRegion:
     @classmethod
     def create(cls, n: int, slots: int, *, pin: bool = False) -> SharedRegion:
         """A new region for `n` fp32 parameters and `slots` gradient slots. Stale `pyasgd-*`
-        segments whose owner died are removed first."""
+        segments whose owner died are removed first. All of the region's memory is reserved
+        here: RegionSpaceError (an OSError saying how much is needed and free) when /dev/shm, or
+        PYASGD_SHM_DIR, is too small."""
         if int(n) < 1:
             raise ValueError(f"n must be >= 1 (the number of fp32 parameters), got {n}")
         if int(slots) < 1:
@@ -149,7 +155,10 @@ class SharedRegion:
         self._pinned = True
 
     def close(self) -> None:
-        """Detach (and, for the owner, unlink). Tensors taken from this region become invalid."""
+        """Detach (and, for the owner, unlink). Tensors taken from this region (params,
+        slot_buffers, a batch's grads) stay readable: each keeps the mapping alive, and it is
+        unmapped when the last of them is gone. They are no longer pinned, and once the owner has
+        closed, the memory is no run's any more."""
         h = self._h
         if h is None:
             return

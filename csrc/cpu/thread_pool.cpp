@@ -6,6 +6,7 @@
 
 #include <cstdlib>
 #include <memory>
+#include <new>
 
 namespace pyasgd::cpu {
 
@@ -63,17 +64,25 @@ void ThreadPool::run(size_t n_tasks, const std::function<void(size_t)>& fn) {
 }
 
 namespace {
-std::unique_ptr<ThreadPool>& pool_slot() {
-  static std::unique_ptr<ThreadPool> p;
-  return p;
-}
-int requested_threads = 0;  // 0: default
+// The pool slot and the requested size, under pool_mu. Held only for pointer updates (a pool is
+// built under it, never destroyed under it), so fork's prepare handler can take it briefly.
 std::mutex pool_mu;
+std::shared_ptr<ThreadPool> the_pool;
+int requested_threads = 0;  // 0: default
 
+// fork() from one thread while others use the pool: prepare takes pool_mu so the child gets a
+// consistent slot (not one half-way through set_threads). In the child only the forking thread
+// exists: the mutex it holds is replaced by a fresh one, and the parent's pool is abandoned, not
+// destroyed, because its destructor would join threads that do not exist and its own mutexes may
+// be held by them (a run() in progress on another thread). The child builds a new pool on first
+// use. The abandoned pool is a small leak per fork, never touched again.
+void before_fork() { pool_mu.lock(); }
+void after_fork_in_parent() { pool_mu.unlock(); }
 void after_fork_in_child() {
-  // The parent's threads do not exist in the child: forget the pool without joining them.
-  (void)pool_slot().release();
+  new (&pool_mu) std::mutex();
+  new std::shared_ptr<ThreadPool>(std::move(the_pool));  // leaked on purpose, see above
 }
+[[maybe_unused]] const int g_atfork = pthread_atfork(before_fork, after_fork_in_parent, after_fork_in_child);
 }  // namespace
 
 int default_threads() {
@@ -87,19 +96,20 @@ int default_threads() {
   return hc ? static_cast<int>(hc) : 1;
 }
 
-ThreadPool& pool() {
-  static std::once_flag atfork_once;
-  std::call_once(atfork_once, [] { pthread_atfork(nullptr, nullptr, after_fork_in_child); });
+PoolRef pool() {
   std::lock_guard<std::mutex> lk(pool_mu);
-  auto& p = pool_slot();
-  if (!p) p = std::make_unique<ThreadPool>(requested_threads > 0 ? requested_threads : default_threads());
-  return *p;
+  if (!the_pool) the_pool = std::make_shared<ThreadPool>(requested_threads > 0 ? requested_threads : default_threads());
+  return PoolRef(the_pool);
 }
 
 void set_threads(int n) {
-  std::lock_guard<std::mutex> lk(pool_mu);
-  requested_threads = n;
-  pool_slot().reset();  // recreated with the new size on next use
+  std::shared_ptr<ThreadPool> old;
+  {
+    std::lock_guard<std::mutex> lk(pool_mu);
+    requested_threads = n;
+    old = std::move(the_pool);  // recreated with the new size on next use
+  }
+  // `old` is destroyed here, outside the lock, unless a run() still holds it: then by that call.
 }
 
 }  // namespace pyasgd::cpu

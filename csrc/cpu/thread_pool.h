@@ -5,8 +5,10 @@
 #include <condition_variable>
 #include <cstddef>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 namespace pyasgd::cpu {
@@ -38,9 +40,24 @@ class ThreadPool {
   bool stop_ = false;
 };
 
-// The process-wide pool (created on first use; recreated after fork in the child).
-ThreadPool& pool();
+// A share of the process-wide pool: the pool lives at least as long as the handle. Callers write
+// `pool().run(...)`; the temporary handle lasts until run() returns, so set_threads() on another
+// thread can replace the pool meanwhile without destroying the one still running the call (the
+// last handle destroys it, joining its idle threads).
+class PoolRef {
+ public:
+  explicit PoolRef(std::shared_ptr<ThreadPool> p) : p_(std::move(p)) {}
+  int size() const { return p_->size(); }
+  void run(size_t n_tasks, const std::function<void(size_t)>& fn) const { p_->run(n_tasks, fn); }
+
+ private:
+  std::shared_ptr<ThreadPool> p_;
+};
+
+// The process-wide pool (created on first use with set_threads()'s count or the default; a
+// forked child starts a fresh one on first use, since the parent's threads do not exist in it).
+PoolRef pool();
 int default_threads();
-void set_threads(int n);
+void set_threads(int n);  // takes effect for calls that start after it
 
 }  // namespace pyasgd::cpu
