@@ -630,7 +630,8 @@ int Region::claim(int worker, double timeout) {
   return got;
 }
 
-Ticket Region::commit(int slot, uint64_t version, uint64_t tokens, double loss, float bound) {
+Ticket Region::commit(int slot, uint64_t version, uint64_t tokens, double loss, float bound,
+                      uint64_t position) {
   using namespace slot_word;
   check_slot(slot, "commit");
   uint64_t w = held_[slot].exchange(0, std::memory_order_relaxed);
@@ -642,6 +643,7 @@ Ticket Region::commit(int slot, uint64_t version, uint64_t tokens, double loss, 
   s.version = version;
   s.tokens = tokens;
   s.loss = loss;
+  s.position = position;
   s.push_seq = h_->push_seq.fetch_add(1, std::memory_order_relaxed);
   Ticket t{s.push_seq, slot, s.acks.load(std::memory_order_relaxed)};
   // Data and metadata before READY (release). Fails only if the slot was taken from us.
@@ -679,7 +681,7 @@ void Region::abandon(int slot) {
 }
 
 Ticket Region::push_cpu(const float* src, int worker, uint64_t version, uint64_t tokens,
-                        double loss, double timeout) {
+                        double loss, uint64_t position, double timeout) {
   int k = claim(worker, timeout);
   float bound;
   try {
@@ -688,7 +690,7 @@ Ticket Region::push_cpu(const float* src, int worker, uint64_t version, uint64_t
     abandon(k);
     throw;
   }
-  return commit(k, version, tokens, loss, bound);
+  return commit(k, version, tokens, loss, bound, position);
 }
 
 std::vector<Collected> Region::collect(int G, double timeout, std::vector<Reclaimed>* reclaimed) {
@@ -702,7 +704,7 @@ std::vector<Collected> Region::collect(int G, double timeout, std::vector<Reclai
       SlotMeta& s = meta(static_cast<int>(k));
       uint64_t w = s.own.load(std::memory_order_acquire);  // READY: its metadata is visible
       if (state(w) == kReady)
-        ready.push_back({{static_cast<int>(k), s.worker, s.version, s.tokens, s.push_seq, s.loss, s.bound}, w});
+        ready.push_back({{static_cast<int>(k), s.worker, s.version, s.tokens, s.push_seq, s.loss, s.bound, s.position}, w});
     }
     return ready.size() >= static_cast<size_t>(G);
   };

@@ -43,7 +43,7 @@
 namespace pyasgd {
 
 constexpr uint64_t kRegionMagic = 0x3130445347534150ULL;  // "PASGSD01" little-endian
-constexpr uint32_t kLayoutVersion = 4;  // 4: one ownership word per slot, flock liveness
+constexpr uint32_t kLayoutVersion = 5;  // 4: one ownership word per slot, flock liveness; 5: position
 constexpr uint64_t kMaxSlots = 1 << 16;  // slot indices are ints; real rings hold tens
 constexpr uint64_t kInvalidVersion = ~0ULL;  // buf_version of a buffer holding a failed write
 
@@ -68,6 +68,7 @@ struct alignas(64) SlotMeta {
   uint64_t tokens;
   uint64_t push_seq;  // arrival order, unique per region
   double loss;
+  uint64_t position;  // the pusher's data position after this gradient (opaque here: Cursor.pack)
   std::atomic<uint32_t> acks;  // ++ when the server has processed what the slot held
 };
 
@@ -140,6 +141,7 @@ struct Collected {
   uint64_t version, tokens, push_seq;
   double loss;
   float bound;
+  uint64_t position;
 };
 
 struct Reclaimed {
@@ -181,9 +183,10 @@ class Region {
 
   // Gradient ring
   int claim(int worker, double timeout);
-  Ticket commit(int slot, uint64_t version, uint64_t tokens, double loss, float bound);
+  Ticket commit(int slot, uint64_t version, uint64_t tokens, double loss, float bound,
+                uint64_t position = 0);
   void abandon(int slot);
-  Ticket push_cpu(const float* src, int worker, uint64_t version, uint64_t tokens, double loss,
+  Ticket push_cpu(const float* src, int worker, uint64_t version, uint64_t tokens, double loss, uint64_t position,
                   double timeout);
   // Server: the gradients in `slots` are processed (in the accumulation, or in a published
   // update); release() acks too. Pushers wait for it with wait_ack (push, processed, pull).

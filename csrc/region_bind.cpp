@@ -33,6 +33,7 @@ void bind_region(py::module_& m) {
       .def_readonly("tokens", &pyasgd::Collected::tokens)
       .def_readonly("push_seq", &pyasgd::Collected::push_seq)
       .def_readonly("loss", &pyasgd::Collected::loss)
+      .def_readonly("position", &pyasgd::Collected::position)
       .def_readonly("bound", &pyasgd::Collected::bound);
   py::class_<pyasgd::Reclaimed>(m, "Reclaimed")
       .def_readonly("slot", &pyasgd::Reclaimed::slot)
@@ -86,10 +87,12 @@ void bind_region(py::module_& m) {
       .def("pull_cpu", [](const Region& r, uintptr_t dst) { return r.pull_cpu(reinterpret_cast<float*>(dst)); }, nogil())
       .def("wait_version", &Region::wait_version, nogil())
       .def("claim", &Region::claim, nogil())
-      .def("commit", &Region::commit, nogil())
+      .def("commit", &Region::commit, py::arg("slot"), py::arg("version"), py::arg("tokens"), py::arg("loss"),
+           py::arg("bound"), py::arg("position") = 0, nogil())
       .def("abandon", &Region::abandon)
-      .def("push_cpu", [](Region& r, uintptr_t src, int worker, uint64_t version, uint64_t tokens, double loss, double timeout) {
-        return r.push_cpu(reinterpret_cast<const float*>(src), worker, version, tokens, loss, timeout);
+      .def("push_cpu", [](Region& r, uintptr_t src, int worker, uint64_t version, uint64_t tokens, double loss,
+                          uint64_t position, double timeout) {
+        return r.push_cpu(reinterpret_cast<const float*>(src), worker, version, tokens, loss, position, timeout);
       }, nogil())
       .def("collect", [](Region& r, int G, double timeout) {
         std::vector<pyasgd::Reclaimed> rec;

@@ -62,6 +62,7 @@ class GradientBatch:
     staleness: list[int]
     reclaimed: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, pid, worker)
     bounds: list[float] = field(default_factory=list)  # max |g| per gradient (see fused_adam_step)
+    positions: list[int] = field(default_factory=list)  # each pusher's data position after it
 
 
 _owned: weakref.WeakSet = weakref.WeakSet()
@@ -138,7 +139,7 @@ class SharedRegion:
     def unlink(name: str) -> None:
         """Remove the segment `name` (its owner died); processes attached keep their mapping."""
         try:
-            os.unlink(os.path.join("/dev/shm", name))
+            os.unlink(os.path.join(os.environ.get("PYASGD_SHM_DIR") or "/dev/shm", name))
         except FileNotFoundError:
             pass
 
@@ -266,22 +267,26 @@ class SharedRegion:
     # -- gradient ring --------------------------------------------------------------------------
 
     def push(self, grad: torch.Tensor, *, version: int, tokens: int = 0, worker: int = -1,
-             loss: float = 0.0, timeout: float = 60.0) -> int:
+             loss: float = 0.0, position: int = 0, timeout: float = 60.0) -> int:
         """Claim a free slot (lock-free), copy `grad` in, mark it ready. Waits with backoff while
-        every slot is taken and raises RegionTimeoutError after `timeout` seconds. Returns the
-        push sequence number."""
+        every slot is taken and raises RegionTimeoutError after `timeout` seconds. `position` (an
+        int64 the region carries untouched: the pusher's data position after this gradient)
+        reaches the server with it. Returns the push sequence number."""
         h = self._handle()
         check_flat("grad", grad, h.n, of="the region")
-        if version < 0 or tokens < 0:
-            raise ValueError(f"version and tokens must be >= 0, got {version} and {tokens}")
+        if version < 0 or tokens < 0 or position < 0:
+            raise ValueError(f"version, tokens and position must be >= 0, got {version}, {tokens}, {position}")
         if grad.device.type == "cpu":
-            ticket = h.push_cpu(grad.data_ptr(), int(worker), int(version), int(tokens), float(loss), float(timeout))
+            ticket = h.push_cpu(grad.data_ptr(), int(worker), int(version), int(tokens), float(loss), int(position),
+                                float(timeout))
         else:
-            ticket = self._push_cuda(grad, int(worker), int(version), int(tokens), float(loss), float(timeout))
+            ticket = self._push_cuda(grad, int(worker), int(version), int(tokens), float(loss), int(position),
+                                     float(timeout))
         self._ticket = ticket
         return ticket.push_seq
 
-    def _push_cuda(self, grad: torch.Tensor, worker: int, version: int, tokens: int, loss: float, timeout: float):
+    def _push_cuda(self, grad: torch.Tensor, worker: int, version: int, tokens: int, loss: float, position: int,
+                   timeout: float):
         """A CUDA gradient into a pinned slot. With pyasgd's CUDA build and a mapped region, one
         kernel stores it straight into the slot (device -> host) and measures max |g| in the same
         pass; otherwise torch measures the bound first and copies after. Either way the claim is
@@ -302,7 +307,7 @@ class SharedRegion:
         except BaseException:
             h.abandon(slot)
             raise
-        return h.commit(slot, version, tokens, loss, bound if math.isfinite(bound) else math.inf)
+        return h.commit(slot, version, tokens, loss, bound if math.isfinite(bound) else math.inf, position)
 
     def wait_processed(self, timeout: float = 60.0) -> None:
         """Wait until the server has processed this process's last push: taken into its
@@ -334,6 +339,7 @@ class SharedRegion:
             staleness=[current - c.version for c in got],
             reclaimed=[(r.slot, r.pid, r.worker) for r in reclaimed],
             bounds=[c.bound for c in got],
+            positions=[c.position for c in got],
         )
 
     @staticmethod

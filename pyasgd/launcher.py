@@ -141,9 +141,9 @@ class Launcher:
         from pyasgd.server import ServerArgs, server_main
 
         c, ctx = self.config, self.ctx
-        cursors = ctx.Array("q", 2 * c.workers, lock=False)  # each worker's (epoch, index)
-        if resume is not None and resume["cursors"].numel() == 2 * c.workers:
-            cursors[:] = resume["cursors"].tolist()
+        cursors = ctx.Array("q", c.workers, lock=False)  # each worker's data position (Cursor.pack)
+        if resume is not None:
+            cursors[:] = _resume_positions(resume, c.workers)
         self.common = dict(config=c, region=self.region.name, cursors=cursors, stop=self.stop, queue=self.queue)
         self.procs.append(ctx.Process(target=server_main, name="server", daemon=True, args=(ServerArgs(
             checkpoint_path=self.ckpt_path, resume_state=self.ckpt_path if resume is not None else "",
@@ -257,6 +257,20 @@ class Launcher:
             if p.is_alive():
                 p.kill()
             p.join(5)
+
+
+def _resume_positions(state: dict, workers: int) -> list[int]:
+    """Each worker's data position in a checkpoint (older checkpoints kept (epoch, index) pairs
+    of the last pushed batches)."""
+    from pyasgd.tasks import Cursor
+
+    if "positions" in state and state["positions"].numel() == workers:
+        return [int(x) for x in state["positions"].tolist()]
+    pairs = state.get("cursors")
+    if pairs is not None and pairs.numel() == 2 * workers:
+        flat = pairs.tolist()
+        return [Cursor(int(flat[2 * i]), int(flat[2 * i + 1])).pack() for i in range(workers)]
+    return [0] * workers
 
 
 def _raise_terminated(signum, frame):

@@ -109,11 +109,13 @@ class Updater:
         self.skipped = int(state.get("skipped", 0))
 
 
-def update_record(update: int, version: int, res: UpdateResult, staleness, tokens, loss_sum, workers, t0) -> dict:
+def update_record(update: int, version: int, res: UpdateResult, staleness, tokens, loss_sum, workers, t0,
+                  positions=None) -> dict:
     return {"kind": "update", "update": update, "version": version, "time": round(time.monotonic() - t0, 4),
             "lr": res.lr, "staleness": list(staleness), "workers": list(workers), "tokens": int(sum(tokens)),
             "loss": (float(sum(loss_sum)) / max(1, int(sum(tokens)))), "applied": res.applied,
-            "dropped": res.dropped, **({"grad_norm": res.grad_norm} if res.grad_norm is not None else {})}
+            "dropped": res.dropped, **({"grad_norm": res.grad_norm} if res.grad_norm is not None else {}),
+            **({"positions": list(positions)} if positions is not None else {})}
 
 
 @dataclass
@@ -122,7 +124,7 @@ class ServerArgs:
     region: str
     checkpoint_path: str
     resume_state: str = ""       # path of a checkpoint to start from
-    cursors: object = None       # mp.Array of 2N int64: each worker's (epoch, index)
+    cursors: object = None       # mp.Array of N int64: where each worker started (Cursor.pack)
     stop: object = None          # mp.Event
     queue: object = None         # mp.Queue of records to the launcher
 
@@ -162,12 +164,16 @@ def _serve(args: ServerArgs) -> None:
         idle_since = time.monotonic()
         reason = "stopped"
 
+        # Each worker's data position after the last of its gradients this server has used (applied,
+        # or deliberately dropped or skipped): a resume starts there, so batches whose gradients
+        # were still in flight or in the accumulation are computed again, none twice.
+        positions = list(args.cursors[:]) if args.cursors is not None else [0] * config.workers
+
         def save() -> None:
             from pyasgd import checkpoint
 
-            cur = list(args.cursors[:]) if args.cursors is not None else []
             checkpoint.save_atomic({"server": up.state_dict(), "version": region.version,
-                                    "cursors": torch.tensor(cur, dtype=torch.int64),
+                                    "positions": torch.tensor(positions, dtype=torch.int64),
                                     "config": repr(config)}, args.checkpoint_path)
             q.put({"kind": "checkpoint", "update": up.step, "path": args.checkpoint_path})
 
@@ -195,8 +201,10 @@ def _serve(args: ServerArgs) -> None:
                 res = up.apply(batch.grads, batch.staleness, out=back, bounds=batch.bounds)
             finally:  # publish (or not), then release (ack) every slot of the batch
                 region.end_update(batch, publish=res is not None and res.publish)
+            for w, pos in zip(batch.workers, batch.positions):
+                positions[w] = pos
             q.put(update_record(up.step, region.version, res, batch.staleness, batch.tokens, batch.losses,
-                                batch.workers, t0))
+                                batch.workers, t0, positions=batch.positions))
             if res.applied and config.save_every and up.step % config.save_every == 0:
                 save()
             if config.max_updates and up.step >= config.max_updates:

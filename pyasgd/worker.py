@@ -21,7 +21,7 @@ class WorkerArgs:
     rank: int
     config: TrainConfig
     region: str
-    cursors: object       # mp.Array of 2N int64: (epoch, index) of each worker's next batch
+    cursors: object       # mp.Array of N int64: each worker's last pushed position (Cursor.pack)
     stop: object          # mp.Event
     queue: object         # mp.Queue of records to the launcher
     go: object = None     # mp.Event: set by the launcher once every worker is ready
@@ -75,7 +75,7 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
     model = task.build_model().to(device)
     flat = FlatModel(model)
     region = SharedRegion.attach(args.region, pin=device.type == "cuda")
-    cursor = Cursor(int(args.cursors[2 * rank]), int(args.cursors[2 * rank + 1]))
+    cursor = Cursor.unpack(args.cursors[rank])
     # Worker randomness (dropout, ...) follows the seed, the rank and the data position, so a
     # resumed run reseeds deterministically (the simulator saves the RNG state itself).
     torch.manual_seed(config.seed * 1_000_003 + rank * 10_007 + cursor.epoch * 101 + cursor.index)
@@ -99,8 +99,8 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
             t2 = time.monotonic()
             compute_s += t2 - t
             region.push(flat.grads, version=pulled, tokens=tokens, worker=rank, loss=loss_sum,
-                        timeout=config.timeout)
-            args.cursors[2 * rank], args.cursors[2 * rank + 1] = cursor.epoch, cursor.index
+                        position=cursor.pack(), timeout=config.timeout)
+            args.cursors[rank] = cursor.pack()  # a replacement goes on from here
             pushes += 1
             if fault == (rank, pushes):
                 raise RuntimeError(f"injected fault in worker {rank} after {pushes} pushes (PYASGD_TEST_FAULT)")

@@ -193,6 +193,23 @@ def test_sync_matches_single_process_with_summed_batches(tmp_path):
 
 
 @pytest.mark.slow
+def test_checkpoint_keeps_the_position_of_the_last_applied_gradient(tmp_path):
+    """Gradients still in flight or in the server's accumulation when it saves are not counted:
+    the positions saved are those of each worker's last gradient in an update up to then."""
+    from pyasgd.tasks import Cursor
+
+    train(cfg(tmp_path, workers=2, mode="async", global_accum=4, max_updates=30, compute_delay=0.005))
+    saved = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))
+    last = {}
+    for r in records(str(tmp_path / "run"), "update"):
+        if r["update"] <= saved["server"]["step"]:
+            last.update(zip(r["workers"], r["positions"]))
+    assert saved["positions"].tolist() == [last[0], last[1]]
+    assert all(Cursor.unpack(p).index > 0 or Cursor.unpack(p).epoch > 0 for p in last.values())
+    assert Cursor.unpack(Cursor(3, 70_000).pack()) == Cursor(3, 70_000)
+
+
+@pytest.mark.slow
 def test_real_run_checkpoint_and_resume(tmp_path):
     train(cfg(tmp_path, workers=2, max_updates=40, save_every=20))
     first = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))

@@ -17,6 +17,15 @@ class Cursor:
     epoch: int = 0
     index: int = 0
 
+    def pack(self) -> int:
+        """One int64 (epoch << 32 | index): written and read as one value across processes, and
+        carried with the gradient it follows through the ring."""
+        return (self.epoch << 32) | self.index
+
+    @classmethod
+    def unpack(cls, value: int) -> "Cursor":
+        return cls(int(value) >> 32, int(value) & 0xFFFFFFFF)
+
 
 class Task:
     """Base class. Subclasses set `primary` (the metric early stopping and best-checkpointing
