@@ -84,3 +84,131 @@ def bulk_pusher(name, count, worker, barrier):
     for _ in range(count):
         region.push(g, version=0, worker=worker, tokens=1)
     region.close()
+
+
+# --- region hardening (tests/test_region_hardening.py) --------------------------------------------
+
+def _delay(spec):
+    """Arms the region's test-only delay hook (read once, at the first protocol step that checks
+    it) in this process: `point:ms`, one of claim, reclaim, read."""
+    import os
+
+    if spec:
+        os.environ["PYASGD_TEST_REGION_DELAY"] = spec
+
+
+def claimer(name, attached, go, claimed, worker):
+    """Attaches, waits for `go`, claims a slot and holds it uncommitted until killed."""
+    from pyasgd.exchange import SharedRegion
+
+    region = SharedRegion.attach(name)
+    attached.set()
+    go.wait()
+    region._handle().claim(worker, 30.0)
+    claimed.set()
+    time.sleep(600)
+
+
+def slow_reclaimer(name, started, q, delay_ms):
+    """reclaim_dead() with a pause between seeing a dead owner and its compare-and-swap."""
+    from pyasgd.exchange import SharedRegion
+
+    _delay(f"reclaim:{delay_ms}")
+    region = SharedRegion.attach(name)
+    started.set()
+    q.put(region.reclaim_dead())
+    region.close()
+
+
+def delayed_pusher(name, attached, go, worker, delay_ms):
+    """Pushes one gradient of `worker`'s value with a pause right after the claim's CAS."""
+    from pyasgd.exchange import SharedRegion
+
+    _delay(f"claim:{delay_ms}")
+    region = SharedRegion.attach(name)
+    attached.set()
+    go.wait()
+    region.push(torch.full((region.n,), float(worker)), version=0, worker=worker, timeout=60)
+    region.close()
+
+
+def commit_twice(name, committed, collected, q):
+    """Pushes by claim + commit, then (once the server holds the slot) commits and abandons the
+    same slot again; reports what each of those did."""
+    from pyasgd.exchange import SharedRegion
+
+    region = SharedRegion.attach(name)
+    h = region._handle()
+    k = h.claim(3, 30.0)
+    region.slot_buffers[k].fill_(1.0)
+    h.commit(k, 0, 1, 0.0, 1.0)
+    committed.set()
+    collected.wait(120)
+    out = {}
+    for what, call in (("commit", lambda: h.commit(k, 0, 1, 0.0, 1.0)), ("abandon", lambda: h.abandon(k))):
+        try:
+            call()
+            out[what] = "no error"
+        except Exception as e:  # reported, not raised: the test asserts on the text
+            out[what] = f"{type(e).__name__}: {e}"
+    q.put(out)
+    region.close()
+
+
+def delayed_reader(name, ready, q, delay_ms):
+    """One pull with a pause between reading the published word and the buffer's sequence;
+    reports (version, min, max) of what it copied."""
+    from pyasgd.exchange import SharedRegion
+
+    _delay(f"read:{delay_ms}")
+    region = SharedRegion.attach(name)
+    dst = torch.empty(region.n)
+    ready.set()
+    version = region.pull(dst)
+    q.put((version, dst.min().item(), dst.max().item()))
+    region.close()
+
+
+def attach_and_sleep(name, attached):
+    from pyasgd.exchange import SharedRegion
+
+    SharedRegion.attach(name)
+    attached.set()
+    time.sleep(600)
+
+
+# The header's fixed fields: (byte offset, struct format), pinned by static_asserts in
+# csrc/region.cpp.
+HEADER_FIELDS = {
+    "magic": (0, "<Q"), "layout_version": (8, "<I"), "owner_pid": (12, "<i"), "n": (16, "<Q"),
+    "slots": (24, "<Q"), "param_offset[0]": (32, "<Q"), "param_offset[1]": (40, "<Q"),
+    "slot_meta_offset": (48, "<Q"), "slot_data_offset": (56, "<Q"), "slot_stride": (64, "<Q"),
+    "total_bytes": (72, "<Q"),
+}
+REGION_MAGIC = 0x3130445347534150
+
+
+def poke_header(path, field, value):
+    import struct
+
+    offset, fmt = HEADER_FIELDS[field]
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(struct.pack(fmt, value))
+
+
+def read_header(path, field):
+    import struct
+
+    offset, fmt = HEADER_FIELDS[field]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+
+def write_fake_segment(path, owner_pid, layout_version=4):
+    """A file that looks like a region whose owner is `owner_pid` (nobody holds its lock)."""
+    import struct
+
+    with open(path, "wb") as f:
+        f.write(struct.pack("<QIi", REGION_MAGIC, layout_version, owner_pid).ljust(8192, b"\0"))
