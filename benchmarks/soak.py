@@ -103,8 +103,10 @@ def wait_training(out: str, p: subprocess.Popen, limit: float = 180) -> bool:
     deadline = time.time() + limit
     path = os.path.join(out, "metrics.jsonl")
     while time.time() < deadline and p.poll() is None:
-        if os.path.exists(path) and '"update"' in open(path).read():
-            return True
+        if os.path.exists(path):
+            with open(path) as f:
+                if '"update"' in f.read():
+                    return True
         time.sleep(0.1)
     return False
 
@@ -141,8 +143,9 @@ def one_run(i: int, fault: str, task: str, rng: random.Random, work: str, corpus
     try:
         if not wait_training(out, p):
             p.kill()
-            o.rc = p.wait()
-            o.note = "never started: " + p.stderr.read()[-300:]
+            _, err = p.communicate(timeout=60)
+            o.rc = p.returncode
+            o.note = "never started: " + err[-300:]
             return o
         time.sleep(rng.uniform(0.2, 2.0))  # a random moment of the run
         seen |= children(p.pid)
@@ -172,7 +175,8 @@ def one_run(i: int, fault: str, task: str, rng: random.Random, work: str, corpus
         if fault == "server_kill" and "--resume" not in err:
             o.ok, o.note = False, "no --resume in the message"
         if fault in ("worker_kill", "worker_raise") and o.rc == 0:
-            restarts = json.load(open(os.path.join(out, "summary.json")))["worker_restarts"]
+            with open(os.path.join(out, "summary.json")) as f:
+                restarts = json.load(f)["worker_restarts"]
             if restarts != 1:
                 o.ok, o.note = False, f"worker_restarts = {restarts}"
         if not o.ok and not o.note:
@@ -305,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--faults: unknown {', '.join(unknown)}; choose from {', '.join(FAULTS)}")
     rng = random.Random(args.seed)
     work = args.work or tempfile.mkdtemp(prefix="pyasgd-soak-")
+    os.makedirs(work, exist_ok=True)
     corpus = {}
     if args.translation_every:
         from pyasgd.data import bible

@@ -47,7 +47,7 @@ def worker_name(rank: int) -> str:
     return name if len(name) <= 15 else f"pyasgd-w{rank}"
 
 
-def _fault() -> tuple[int, int] | None:
+def _fault(rank: int) -> tuple[int, int] | None:
     """Tests inject a failure with PYASGD_TEST_FAULT=raise:<rank>:<after pushes>[:once:<marker
     file>]: every incarnation of worker <rank> raises, or with `once` only the first (it creates
     the marker; a replacement that finds it goes on)."""
@@ -55,6 +55,8 @@ def _fault() -> tuple[int, int] | None:
     if not spec.startswith("raise:"):
         return None
     parts = spec.split(":")
+    if int(parts[1]) != rank:
+        return None
     if len(parts) >= 5 and parts[3] == "once":
         marker = ":".join(parts[4:])
         try:
@@ -82,7 +84,7 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
     data = task.batches(rank, config.workers, cursor)
     sync, U, k = config.mode == "sync", config.pull_every, config.local_accum
     compute_s = wait_s = 0.0
-    fault = _fault()
+    fault = _fault(rank)
     pushes, last_report = 0, time.monotonic()
     try:
         q.put({"kind": "ready", "worker": rank})
