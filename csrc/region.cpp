@@ -630,14 +630,21 @@ int Region::claim(int worker, double timeout) {
   return got;
 }
 
+// The ownership word this process's claim installed on `slot`, given up by this call: a slot can
+// be committed or abandoned once, and only by the process that claimed it.
+uint64_t Region::take_held(int slot, const char* what) {
+  check_slot(slot, what);
+  uint64_t w = held_[slot].exchange(0, std::memory_order_relaxed);
+  if (w == 0)
+    throw std::runtime_error(std::string(what) + ": slot " + std::to_string(slot) +
+                             " is not held by this process (never claimed here, or already committed or abandoned)");
+  return w;
+}
+
 Ticket Region::commit(int slot, uint64_t version, uint64_t tokens, double loss, float bound,
                       uint64_t position) {
   using namespace slot_word;
-  check_slot(slot, "commit");
-  uint64_t w = held_[slot].exchange(0, std::memory_order_relaxed);
-  if (w == 0)
-    throw std::runtime_error("commit: slot " + std::to_string(slot) +
-                             " is not held by this process (never claimed here, or already committed or abandoned)");
+  uint64_t w = take_held(slot, "commit");
   SlotMeta& s = meta(slot);
   s.bound = bound;
   s.version = version;
@@ -670,11 +677,7 @@ void Region::wait_ack(const Ticket& t, double timeout) {
 
 void Region::abandon(int slot) {
   using namespace slot_word;
-  check_slot(slot, "abandon");
-  uint64_t w = held_[slot].exchange(0, std::memory_order_relaxed);
-  if (w == 0)
-    throw std::runtime_error("abandon: slot " + std::to_string(slot) +
-                             " is not held by this process (never claimed here, or already committed or abandoned)");
+  uint64_t w = take_held(slot, "abandon");
   if (meta(slot).own.compare_exchange_strong(w, make(kFree, gen(w), 0), std::memory_order_release))
     bump_and_wake(h_->free_word, h_->free_sleepers);
   // else: already reclaimed (and perhaps claimed again by another pusher): nothing of ours to free

@@ -198,6 +198,7 @@ class Region {
   uint32_t slot_state(int k) const;
 
  private:
+  uint64_t take_held(int slot, const char* what);
   Region() = default;
   void check_slot(int k, const char* what) const;
   SlotMeta& meta(int k) const;
