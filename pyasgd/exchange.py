@@ -135,14 +135,6 @@ class SharedRegion:
     def attach(cls, name: str, *, pin: bool = False) -> SharedRegion:
         return cls(_C.Region.attach(name), pin=pin)
 
-    @staticmethod
-    def unlink(name: str) -> None:
-        """Remove the segment `name` (its owner died); processes attached keep their mapping."""
-        try:
-            os.unlink(os.path.join(os.environ.get("PYASGD_SHM_DIR") or "/dev/shm", name))
-        except FileNotFoundError:
-            pass
-
     def _pin(self) -> None:
         """Register the mapping as pinned memory so CUDA copies go by DMA."""
         if not torch.cuda.is_available():
@@ -201,6 +193,11 @@ class SharedRegion:
     @property
     def name(self) -> str:
         return self._handle().name
+
+    @property
+    def path(self) -> str:
+        """The segment's file (in /dev/shm or PYASGD_SHM_DIR)."""
+        return self._handle().path
 
     @property
     def n(self) -> int:

@@ -149,6 +149,7 @@ def _serve(args: ServerArgs) -> None:
     _ext.set_cpu_threads(1 if config.workers >= (os.cpu_count() or 1) else 2)
     torch.set_num_threads(1)
     region = SharedRegion.attach(args.region, pin=config.server_device.startswith("cuda"))
+    segment = region.path
     q = args.queue
     try:
         init = torch.empty(region.n)
@@ -217,4 +218,7 @@ def _serve(args: ServerArgs) -> None:
         region.close()
         if parent_gone():
             q.cancel_join_thread()  # nobody reads the queue any more: do not wait to flush it
-            SharedRegion.unlink(args.region)  # its owner is dead: remove the segment now
+            try:  # its owner is dead: remove the segment now (attached processes keep their mapping)
+                os.unlink(segment)
+            except FileNotFoundError:
+                pass
