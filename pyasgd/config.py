@@ -23,6 +23,7 @@ else:  # pragma: no cover
 MODES = ("sync", "async")
 SCHEDULES = ("inverse-sqrt", "constant")
 SIM_ORDERS = ("round-robin", "normal")
+PATIENCE_METRICS = ("", "loss", "bleu")
 AMP = ("none", "bf16")
 # Marks a setting that shapes the model or the data: a resumed run must keep it (see rundir.py).
 FIXED = {"resume": "fixed"}
@@ -150,10 +151,16 @@ class TrainConfig:
     max_time: float = 480.0
     """stop after this many seconds of training (0 = no limit); the default job trains for 8
     minutes, then validates and decodes the test set, within 10 minutes on 2 cores."""
-    valid_every: int = 200
-    """validate every this many server updates (0 = only at the end)."""
+    valid_every_tokens: int = 800_000
+    """validate every this many target tokens the workers have trained on (0 = only at the end):
+    every method is then validated at the same training progress, whatever its G or k."""
+    valid_every: int = 0
+    """validate every this many server updates instead of by tokens (0 = use --valid-every-tokens)."""
     patience: int = 0
     """stop after this many validations without improvement (0 = never; the paper used 5)."""
+    patience_metric: str = ""
+    """the dev metric --patience watches: loss (dev cross-entropy per target token, as the paper),
+    bleu, or empty for the task's primary metric (BLEU for translation)."""
     save_every: int = 0
     """checkpoint every this many server updates (0 = only at the end)."""
     out: str = ""
@@ -176,7 +183,14 @@ class TrainConfig:
     """arrival order in the simulator: round-robin (ideal async staleness N-1) or normal
     (compute times drawn from a normal distribution)."""
     sim_time_std: float = 0.3
-    """with --sim-order normal: the compute time's standard deviation (mean 1)."""
+    """with --sim-order normal: the jitter of each compute time (its relative standard deviation:
+    a time is multiplied by max(0.05, Normal(1, std)))."""
+    sim_speeds: str = ""
+    """the virtual workers' relative compute times, a comma list of N numbers (1,1,1,2: the
+    last worker is 2x slower, a straggler); empty = all 1."""
+    sim_wps: float = 5000.0
+    """the virtual clock's unit: target tokens per virtual second of a speed-1 worker. A batch of
+    T target tokens takes speed * T / sim_wps virtual seconds (times the jitter)."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, msg: str) -> None:
@@ -201,7 +215,7 @@ class TrainConfig:
         need(self.eps >= 0, "eps", "must be >= 0")
         need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         need(self.clip_norm >= 0, "clip_norm", "must be >= 0 (0 turns clipping off)")
-        for name in ("max_updates", "valid_every", "patience", "save_every", "threads", "max_restarts"):
+        for name in ("max_updates", "valid_every", "valid_every_tokens", "patience", "save_every", "threads", "max_restarts"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         for name in ("max_epochs", "max_time", "compute_delay"):
             need(getattr(self, name) >= 0, name, "must be >= 0 (0 = no limit)")
@@ -211,6 +225,12 @@ class TrainConfig:
         need(self.amp in AMP, "amp", f"must be one of {', '.join(AMP)}, got {self.amp!r}")
         need(self.sim_order in SIM_ORDERS, "sim_order", f"must be one of {', '.join(SIM_ORDERS)}")
         need(self.sim_time_std >= 0, "sim_time_std", "must be >= 0")
+        need(self.sim_wps > 0, "sim_wps", f"must be > 0, got {self.sim_wps}")
+        self.worker_speeds()  # validates --sim-speeds
+        need(self.patience_metric in PATIENCE_METRICS, "patience_metric",
+             f"must be loss or bleu (or empty for the task's primary metric), got {self.patience_metric!r}")
+        need(not (self.patience_metric == "bleu" and self.task != "translation"), "patience_metric",
+             f"bleu needs the translation task; the {self.task} task has loss")
         for name in ("batch_size", "seq_len", "train_size"):
             need(getattr(self, name) >= 1, name, "must be >= 1")
         need(self.vocab >= 2, "vocab", "must be >= 2")
@@ -259,6 +279,20 @@ class TrainConfig:
             if t >= 0:
                 return t
         raise ConfigError(f"--stale-policy: must be none, scale or drop:T with an integer T >= 0, got {p!r}")
+
+    def worker_speeds(self) -> list[float]:
+        """Each virtual worker's relative compute time (--sim-speeds)."""
+        if not self.sim_speeds.strip():
+            return [1.0] * self.workers
+        try:
+            speeds = [float(x) for x in self.sim_speeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"--sim-speeds: give a comma list of numbers, got {self.sim_speeds!r}") from None
+        if len(speeds) != self.workers:
+            raise ConfigError(f"--sim-speeds: give one number per worker ({self.workers}), got {len(speeds)}")
+        if any(not (x > 0) or x == float("inf") for x in speeds):
+            raise ConfigError(f"--sim-speeds: every speed must be a positive finite number, got {self.sim_speeds!r}")
+        return speeds
 
     def targets(self) -> list[float]:
         try:

@@ -18,7 +18,7 @@ from pyasgd import checkpoint, rundir
 from pyasgd.config import TrainConfig
 from pyasgd.errors import Terminated
 from pyasgd.flat import FlatModel
-from pyasgd.run import final_test, finish, next_validation, start_run, validate, validate_last
+from pyasgd.run import ValidationSchedule, final_test, finish, start_run, validate, validate_last
 from pyasgd.runlog import RunLog
 
 
@@ -77,6 +77,7 @@ class Launcher:
         if resume is not None:
             flat.params.copy_(resume["server"]["params"])
             log.updates = self.last_checkpoint = int(resume["server"]["step"])
+            log.restore(resume.get("progress"), clocks=False)
         self.region = SharedRegion.create(flat.n, default_slots(c.workers, c.G), pin=self.eval_device.type == "cuda")
         stopped_because, extra, summary, train_end = "", {}, None, None
         pbar = self._progress_bar()
@@ -86,7 +87,7 @@ class Launcher:
         try:
             self.region.publish(flat.params)
             self._spawn(resume)
-            next_valid = next_validation(log.updates, c.valid_every)
+            schedule = ValidationSchedule(c, log.updates, log.tokens)
             while not stopped_because:
                 stopped_because = self._poll()
                 if pbar is not None:
@@ -94,9 +95,8 @@ class Launcher:
                     pbar.set_postfix(log.postfix(), refresh=False)
                 if stopped_because:
                     break
-                if next_valid is not None and log.updates >= next_valid:
+                if schedule.due(log.updates, log.tokens):
                     validate(task, flat, log, self.run_dir, log.updates, self.region.pull(flat.params))
-                    next_valid = next_validation(log.updates, c.valid_every)
                     if log.out_of_patience:
                         stopped_because = "patience"
                 stopped_because = self._check_health() or stopped_because

@@ -45,15 +45,34 @@ def local_gradient(task, flat: FlatModel, data: Iterator, k: int, device: torch.
     return tokens, loss_sum, cursor
 
 
-def next_validation(update: int, valid_every: int) -> int | None:
-    """The server update at which to validate next (None: only at the end)."""
-    return (update // valid_every + 1) * valid_every if valid_every else None
+class ValidationSchedule:
+    """When to validate: every --valid-every server updates when it is set, else every
+    --valid-every-tokens target tokens trained on (the fair default: every method is validated
+    at the same training progress, whatever its G or k); neither = only at the end."""
+
+    def __init__(self, config, updates: int = 0, tokens: int = 0) -> None:
+        self.by_updates = config.valid_every > 0
+        self.every = config.valid_every if self.by_updates else config.valid_every_tokens
+        self.next = self._after(updates if self.by_updates else tokens)
+
+    def _after(self, x: int) -> int | None:
+        return (x // self.every + 1) * self.every if self.every else None
+
+    def due(self, updates: int, tokens: int) -> bool:
+        """True (once) when the run has reached the next validation point."""
+        x = updates if self.by_updates else tokens
+        if self.next is None or x < self.next:
+            return False
+        self.next = self._after(x)
+        return True
 
 
 def validate(task, flat: FlatModel, log: RunLog, run_dir: str, update: int, version: int | None = None) -> None:
-    """Evaluate the parameters in flat.params (a consistent snapshot), log it, and keep the best
-    parameters in best.pt."""
+    """Evaluate the parameters in flat.params (a consistent snapshot, taken just before the
+    call), log it with the run's progress at the snapshot, and keep the best parameters in
+    best.pt."""
     model = flat.model
+    at = log.snapshot()  # the progress and clocks at the snapshot, not after decoding
     model.eval()
     try:
         metrics = task.evaluate(model)
@@ -61,7 +80,8 @@ def validate(task, flat: FlatModel, log: RunLog, run_dir: str, update: int, vers
         model.train()
     if version is not None:
         metrics["version"] = version
-    if log.on_valid(update, metrics):
+    log.valid_s += log.elapsed - at["time"]
+    if log.on_valid(update, metrics, at):
         checkpoint.save_atomic({"params": flat.params.clone(), "update": update}, os.path.join(run_dir, rundir.BEST))
 
 

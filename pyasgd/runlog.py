@@ -27,12 +27,23 @@ class RunLog:
         self.t0 = time.monotonic()
         self.staleness: Counter[int] = Counter()
         self.updates = 0
-        self.tokens = 0
+        self.tokens = 0            # target tokens of every gradient the server took
+        self.gradients = 0         # gradients in applied updates
+        self.vtime: float | None = 0.0 if config.simulate else None  # the simulator's virtual clock
+        self.valid_s = 0.0         # wall time spent validating
+        # The simulator stops training while it validates; real workers go on meanwhile.
+        self.pauses_for_validation = bool(config.simulate)
+        self.epoch_tokens = task.epoch_tokens()
         self.recent_loss: list[float] = []
         self.dropped = 0
         self.valid: list[dict[str, Any]] = []
         self.best: float | None = None
         self.best_update = 0
+        self.best_loss: float | None = None  # the lowest dev loss (cross-entropy per target token)
+        self.patience_metric = config.patience_metric or task.primary
+        self.patience_higher = (task.higher_is_better if self.patience_metric == task.primary
+                                else self.patience_metric != "loss")
+        self.patience_best: float | None = None
         self.bad_validations = 0
         self.workers: dict[int, dict[str, Any]] = {}
         self.targets = {t: None for t in config.targets()}  # first (wall_s, update) reaching each
@@ -60,6 +71,9 @@ class RunLog:
         self.dropped += r.get("dropped", 0)
         if r["applied"]:
             self.updates = max(self.updates, r["update"])
+            self.gradients += len(r["staleness"]) - r.get("dropped", 0)
+        if r.get("vtime") is not None:
+            self.vtime = r["vtime"]
         self.recent_loss = (self.recent_loss + [r["loss"]])[-50:]
 
     def on_progress(self, r: dict[str, Any]) -> None:
@@ -74,21 +88,68 @@ class RunLog:
         if rank in self.workers:  # its compute and wait time still count; the replacement starts at 0
             self.retired.append(self.workers.pop(rank))
 
-    def on_valid(self, update: int, metrics: dict[str, float]) -> bool:
-        """Records a validation; returns True when it is the best so far."""
-        rec = {"kind": "valid", "update": update, "time": round(self.elapsed, 3), **metrics}
+    def snapshot(self) -> dict[str, Any]:
+        """The run's progress and clocks now: what a validation record says about when its
+        parameters were taken."""
+        t = self.elapsed
+        at = {"time": round(t, 3), "train_time": round(t - self.valid_s if self.pauses_for_validation else t, 3),
+              "gradients": self.gradients, "tokens": self.tokens, "epoch": self.epochs()}
+        if self.vtime is not None:
+            at["vtime"] = round(self.vtime, 3)
+        return at
+
+    def epochs(self) -> float | None:
+        """Passes over the training data so far (target tokens / tokens per epoch)."""
+        return round(self.tokens / self.epoch_tokens, 4) if self.epoch_tokens else None
+
+    @property
+    def time_kind(self) -> str:
+        return "virtual" if self.vtime is not None else "wall"
+
+    def on_valid(self, update: int, metrics: dict[str, float], at: dict[str, Any] | None = None) -> bool:
+        """Records a validation of the parameters taken at `at` (snapshot()); returns True when
+        it is the best so far by the task's primary metric."""
+        at = at or self.snapshot()
+        rec = {"kind": "valid", "update": update, **at, **metrics}
         self.write(rec)
+        self._f.flush()  # a validation is worth seeing at once (tail -f, a study's progress)
         self.valid.append(rec)
         score = metrics[self.task.primary]
+        clock = rec["vtime"] if self.time_kind == "virtual" else rec["time"]
         for t, hit in self.targets.items():
             if hit is None and (score >= t if self.task.higher_is_better else score <= t):
-                self.targets[t] = {"wall_s": rec["time"], "update": update}
+                self.targets[t] = {"time": clock, "wall_s": rec["time"], "update": update, "tokens": rec["tokens"]}
+        if "loss" in metrics and (self.best_loss is None or metrics["loss"] < self.best_loss):
+            self.best_loss = metrics["loss"]
         better = self.best is None or (score > self.best if self.task.higher_is_better else score < self.best)
         if better:
-            self.best, self.best_update, self.bad_validations = score, update, 0
-        else:
-            self.bad_validations += 1
+            self.best, self.best_update = score, update
+        watched = metrics.get(self.patience_metric)
+        if watched is not None:
+            improved = self.patience_best is None or (
+                watched > self.patience_best if self.patience_higher else watched < self.patience_best)
+            if improved:
+                self.patience_best, self.bad_validations = watched, 0
+            else:
+                self.bad_validations += 1
         return better
+
+    # -- resuming ---------------------------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        """What a checkpoint keeps so a resumed run's counters and clocks go on."""
+        return {"tokens": self.tokens, "gradients": self.gradients, "vtime": self.vtime,
+                "elapsed": self.elapsed, "valid_s": self.valid_s}
+
+    def restore(self, progress: dict[str, Any] | None, *, clocks: bool) -> None:
+        """Continue from a checkpoint's progress(); with clocks, the wall clock goes on too."""
+        if not progress:
+            return
+        self.tokens, self.gradients = int(progress["tokens"]), int(progress["gradients"])
+        if self.vtime is not None and progress.get("vtime") is not None:
+            self.vtime = float(progress["vtime"])
+        if clocks:
+            self.t0 = time.monotonic() - float(progress["elapsed"])
+            self.valid_s = float(progress["valid_s"])
 
     @property
     def out_of_patience(self) -> bool:
@@ -122,7 +183,10 @@ class RunLog:
         s = {
             "mode": c.mode, "workers": c.workers, "local_accum": c.local_accum, "global_accum": c.G,
             "pull_every": c.pull_every, "stale_policy": c.stale_policy, "task": c.task,
-            "simulate": c.simulate, "updates": self.updates, "tokens": self.tokens,
+            "simulate": c.simulate, "updates": self.updates, "tokens": self.tokens, "gradients": self.gradients,
+            "epochs": self.epochs(), "time_kind": self.time_kind, "valid_s": round(self.valid_s, 3),
+            "virtual_time_s": round(self.vtime, 3) if self.vtime is not None else None,
+            "virtual_wps": round(self.tokens / self.vtime, 1) if self.vtime else None,
             "wall_s": round(wall_s, 3), "wps": round(self.tokens / wall_s, 1) if wall_s > 0 else None,
             "updates_per_s": round(self.updates / wall_s, 3) if wall_s > 0 else None,
             "avg_staleness": self.avg_staleness(),
@@ -130,7 +194,7 @@ class RunLog:
             "dropped_gradients": self.dropped,
             "worker_compute_s": round(compute, 3), "worker_wait_s": round(wait, 3),
             "worker_restarts": len(self.restarts), "restarts": list(self.restarts),
-            "best_valid": self.best, "best_valid_update": self.best_update,
+            "best_valid": self.best, "best_valid_update": self.best_update, "best_valid_loss": self.best_loss,
             "primary_metric": self.task.primary,
             "final_valid": self.valid[-1] if self.valid else None,
             "time_to_target": {f"{t:g}": hit for t, hit in self.targets.items()},

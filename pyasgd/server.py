@@ -155,10 +155,12 @@ def _serve(args: ServerArgs) -> None:
         init = torch.empty(region.n)
         region.pull(init)
         up = Updater(config, init, config.server_device)
+        resumed = {}
         if args.resume_state:
             from pyasgd import checkpoint
 
-            up.load_state_dict(checkpoint.load(args.resume_state)["server"])
+            resumed = checkpoint.load(args.resume_state)
+            up.load_state_dict(resumed["server"])
         G, t0 = config.G, time.monotonic()
         # Gradients are taken one at a time (so each pusher learns at once that its gradient is in
         # the accumulation) and summed G at a time by the fused kernel straight from their slots.
@@ -169,12 +171,17 @@ def _serve(args: ServerArgs) -> None:
         # or deliberately dropped or skipped): a resume starts there, so batches whose gradients
         # were still in flight or in the accumulation are computed again, none twice.
         positions = list(args.cursors[:]) if args.cursors is not None else [0] * config.workers
+        # The run's progress counters, kept in the checkpoint so a resumed run's token-scheduled
+        # validations and epochs go on (the launcher's RunLog counts the same from the records).
+        progress = {"tokens": 0, "gradients": 0, "vtime": None, "elapsed": 0.0, "valid_s": 0.0}
+        progress.update(resumed.get("progress") or {})
 
         def save() -> None:
             from pyasgd import checkpoint
 
             checkpoint.save_atomic({"server": up.state_dict(), "version": region.version,
                                     "positions": torch.tensor(positions, dtype=torch.int64),
+                                    "progress": dict(progress),
                                     "config": repr(config)}, args.checkpoint_path)
             q.put({"kind": "checkpoint", "update": up.step, "path": args.checkpoint_path})
 
@@ -204,6 +211,9 @@ def _serve(args: ServerArgs) -> None:
                 region.end_update(batch, publish=res is not None and res.publish)
             for w, pos in zip(batch.workers, batch.positions):
                 positions[w] = pos
+            progress["tokens"] += int(sum(batch.tokens))
+            if res.applied:
+                progress["gradients"] += len(batch.staleness) - res.dropped
             q.put(update_record(up.step, region.version, res, batch.staleness, batch.tokens, batch.losses,
                                 batch.workers, t0, positions=batch.positions))
             if res.applied and config.save_every and up.step % config.save_every == 0:

@@ -1,10 +1,15 @@
 """The deterministic simulator (`--simulate`): the N workers run as virtual workers in one
 process, with the server logic of the real trainer (`server.Updater`) and the same staleness
-model. Each virtual worker computes its gradient on the parameters it last pulled; the order in
-which gradients arrive follows `--sim-order`:
+model. Each virtual worker computes its gradient on the parameters it last pulled.
 
-- round-robin: workers finish in turn 0, 1, ..., N-1, 0, ... (ideal async staleness N-1);
-- normal: each compute takes max(0.05, Normal(1, sim_time_std)) time units (Zhang et al. 2016).
+A virtual clock says when each gradient arrives: a worker's computation of T target tokens takes
+speed * T / sim_wps virtual seconds (--sim-speeds, --sim-wps), times a jitter with --sim-order
+normal. The server serves arrivals in virtual-time order (--sim-order normal), or in turns 0, 1,
+..., N-1, 0, ... (round-robin, the ideal async staleness N-1; an arrival then happens at the
+later of its finish and the previous arrival). Asynchronous workers start their next batch as
+soon as their gradient is taken; synchronous workers all start when the round's last (slowest)
+gradient has arrived. Update and validation records carry the virtual time ("vtime"), so
+time-to-BLEU means "with N such accelerators", deterministically, on any machine.
 
 Same seed and config give bit-identical results, and a resumed run continues bit for bit.
 """
@@ -12,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,7 +25,7 @@ import torch
 from pyasgd import checkpoint, rundir
 from pyasgd.config import TrainConfig
 from pyasgd.flat import FlatModel
-from pyasgd.run import final_test, finish, local_gradient, next_validation, start_run, validate, validate_last
+from pyasgd.run import ValidationSchedule, final_test, finish, local_gradient, start_run, validate, validate_last
 from pyasgd.runlog import RunLog
 from pyasgd.server import Updater, update_record
 from pyasgd.tasks import Cursor
@@ -30,8 +35,10 @@ from pyasgd.tasks import Cursor
 class VirtualWorker:
     params: torch.Tensor  # what it last pulled
     pulled: int           # the version of those parameters
-    cursor: Cursor
-    next_time: float = 0.0
+    cursor: Cursor        # where its current computation's batches start
+    speed: float = 1.0    # relative compute time (--sim-speeds)
+    finish: float = 0.0   # virtual time its current computation ends
+    work: list = field(default_factory=list)  # the (batch, next cursor) pairs it is computing on
 
 
 class Simulation:
@@ -45,16 +52,16 @@ class Simulation:
         self.up = Updater(c, self.flat.params)
         self.published = self.up.master.clone()
         self.version = 0
+        self.clock = 0.0  # virtual time of the last arrival the server took
         self.order = torch.Generator().manual_seed(c.seed * 31 + 7)
-        self.vws = [VirtualWorker(self.published.clone(), 0, Cursor()) for _ in range(c.workers)]
+        self.vws = [VirtualWorker(self.published.clone(), 0, Cursor(), speed) for speed in c.worker_speeds()]
         self.rr = 0  # next worker in round-robin order
         self.ckpt_path = os.path.join(run_dir, rundir.CHECKPOINT)
         if c.resume:
             self.load()
-        elif c.sim_order == "normal":
-            for w in self.vws:
-                w.next_time = self.draw_time()
         self.data = [task.batches(i, c.workers, w.cursor) for i, w in enumerate(self.vws)]
+        for i in range(c.workers):
+            self.begin(i, 0.0, fresh=not c.resume)
 
     # -- state ----------------------------------------------------------------------------------
     def save(self) -> None:
@@ -64,7 +71,8 @@ class Simulation:
             "params": torch.stack([w.params for w in vws]),
             "pulled": torch.tensor([w.pulled for w in vws]),
             "cursors": torch.tensor([[w.cursor.epoch, w.cursor.index] for w in vws]),
-            "next_time": torch.tensor([w.next_time for w in vws], dtype=torch.float64),
+            "finish": torch.tensor([w.finish for w in vws], dtype=torch.float64), "clock": self.clock,
+            "log": self.log.progress(),
             "order_rng": self.order.get_state(), "torch_rng": torch.get_rng_state()}}, self.ckpt_path)
 
     def load(self) -> None:
@@ -77,29 +85,46 @@ class Simulation:
             w.params.copy_(sim["params"][i])
             w.pulled = int(sim["pulled"][i])
             w.cursor = Cursor(int(sim["cursors"][i][0]), int(sim["cursors"][i][1]))
-            w.next_time = float(sim["next_time"][i])
+            w.finish = float(sim["finish"][i])
+        self.clock = float(sim["clock"])
         self.order.set_state(sim["order_rng"])
         torch.set_rng_state(sim["torch_rng"])
         self.log.updates = self.up.step
+        self.log.restore(sim.get("log"), clocks=True)
 
-    # -- the virtual workers --------------------------------------------------------------------
-    def draw_time(self) -> float:
+    # -- the virtual workers and their clock ------------------------------------------------------
+    def begin(self, i: int, now: float, fresh: bool = True) -> None:
+        """Worker i takes its next k batches at virtual time `now`; its gradient arrives when
+        their compute time has passed. (fresh=False: re-take the batches of a computation a
+        resumed checkpoint had started; its finish time is the saved one.)"""
+        c, w = self.config, self.vws[i]
+        if w.work:
+            w.cursor = w.work[-1][1]
+        w.work = [next(self.data[i]) for _ in range(c.local_accum)]
+        if fresh:
+            tokens = sum(self.task.batch_tokens(b) for b, _ in w.work)
+            w.finish = now + w.speed * tokens / c.sim_wps * self.jitter()
+
+    def jitter(self) -> float:
+        if self.config.sim_order != "normal" or self.config.sim_time_std == 0:
+            return 1.0
         return max(0.05, 1.0 + self.config.sim_time_std * float(torch.randn(1, generator=self.order)))
 
     def next_worker(self) -> int:
+        """The worker whose gradient the server takes next; advances the clock to its arrival."""
         if self.config.sim_order == "round-robin" or self.sync:
             i, self.rr = self.rr, (self.rr + 1) % self.config.workers
-            return i
-        i = min(range(self.config.workers), key=lambda j: (self.vws[j].next_time, j))
-        self.vws[i].next_time += self.draw_time()
+        else:
+            i = min(range(self.config.workers), key=lambda j: (self.vws[j].finish, j))
+        self.clock = max(self.clock, self.vws[i].finish)
         return i
 
     def compute(self, i: int) -> tuple[torch.Tensor, int, float]:
         """Worker i's (locally accumulated) gradient on the parameters it last pulled."""
         w = self.vws[i]
         self.flat.params.copy_(w.params)
-        tokens, loss_sum, w.cursor = local_gradient(self.task, self.flat, self.data[i], self.config.local_accum,
-                                                    amp=self.config.amp)
+        tokens, loss_sum, _ = local_gradient(self.task, self.flat, iter(w.work), self.config.local_accum,
+                                             amp=self.config.amp)
         return self.flat.grads.clone(), tokens, loss_sum
 
     def pull_if_due(self, i: int) -> None:
@@ -122,42 +147,46 @@ class Simulation:
     def _run(self) -> dict[str, Any]:
         c, up, log = self.config, self.up, self.log
         start_run(self.task, self.run_dir, c.quiet)
-        start = t0 = time.monotonic()
+        t0 = log.t0  # restored by a resume: the clocks go on
         pending: list[tuple[torch.Tensor, int, int, float, int]] = []  # grad, version, tokens, loss, worker
-        next_valid = next_validation(up.step, c.valid_every)
+        schedule = ValidationSchedule(c, up.step, log.tokens)
         stopped_because = ""
         while not stopped_because:
             i = self.next_worker()
             grad, tokens, loss_sum = self.compute(i)
             pending.append((grad, self.vws[i].pulled, tokens, loss_sum, i))
-            if len(pending) == c.G:
-                staleness = [self.version - p[1] for p in pending]
-                res = up.apply([p[0] for p in pending], staleness, out=self.published)
-                if res.publish:
-                    self.version += 1
-                log.on_update(update_record(up.step, self.version, res, staleness, [p[2] for p in pending],
-                                            [p[3] for p in pending], [p[4] for p in pending], t0))
-                pending = []
-                if self.sync:  # the barrier: everyone pulls the new version (if due)
-                    for j in range(c.workers):
-                        self.pull_if_due(j)
-                if res.applied:
-                    if c.save_every and up.step % c.save_every == 0:
-                        self.save()
-                    if next_valid is not None and up.step >= next_valid:
-                        self.validate()
-                        next_valid = next_validation(up.step, c.valid_every)
-                        stopped_because = "patience" if log.out_of_patience else ""
-                    if c.max_updates and up.step >= c.max_updates:
-                        stopped_because = "max_updates"
-                if c.max_epochs and any(w.cursor.epoch >= c.max_epochs for w in self.vws):
-                    stopped_because = stopped_because or "max_epochs"
-                if c.max_time and time.monotonic() - start >= c.max_time:
-                    stopped_because = stopped_because or "max_time"
-            if not self.sync:
-                self.pull_if_due(i)
+            if len(pending) < c.G:
+                if not self.sync:  # its gradient is in the accumulation: it pulls and goes on
+                    self.pull_if_due(i)
+                    self.begin(i, self.clock)
+                continue
+            staleness = [self.version - p[1] for p in pending]
+            res = up.apply([p[0] for p in pending], staleness, out=self.published)
+            if res.publish:
+                self.version += 1
+            record = update_record(up.step, self.version, res, staleness, [p[2] for p in pending],
+                                   [p[3] for p in pending], [p[4] for p in pending], t0)
+            record["vtime"] = round(self.clock, 4)
+            log.on_update(record)
+            pending = []
+            # sync: the barrier, everyone pulls the new version (if due) and starts together
+            for j in (range(c.workers) if self.sync else [i]):
+                self.pull_if_due(j)
+                self.begin(j, self.clock)
+            if res.applied:
+                if c.save_every and up.step % c.save_every == 0:
+                    self.save()
+                if c.max_updates and up.step >= c.max_updates:
+                    stopped_because = "max_updates"
+            if schedule.due(up.step, log.tokens):
+                self.validate()
+                stopped_because = stopped_because or ("patience" if log.out_of_patience else "")
+            if c.max_epochs and any(w.cursor.epoch >= c.max_epochs for w in self.vws):
+                stopped_because = stopped_because or "max_epochs"
+            if c.max_time and log.elapsed >= c.max_time:
+                stopped_because = stopped_because or "max_time"
         self.save()
-        wall = time.monotonic() - start
+        wall = log.elapsed
         self.flat.params.copy_(self.published)
         validate_last(self.task, self.flat, log, self.run_dir, up.step, self.version)
         return finish(log, self.run_dir, stopped_because=stopped_because, wall_s=wall,

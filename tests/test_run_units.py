@@ -110,7 +110,7 @@ def test_learning_rate_schedule():
 
 def fake_task(higher_is_better=True):
     return types.SimpleNamespace(primary="score", higher_is_better=higher_is_better,
-                                 summary_fields=lambda best, targets: {})
+                                 summary_fields=lambda best, targets: {}, epoch_tokens=lambda: None)
 
 
 @pytest.mark.parametrize("higher", [True, False])

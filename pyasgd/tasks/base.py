@@ -65,6 +65,17 @@ class Task:
         score of `primary` and the first (time, update) reaching each --bleu-targets score."""
         return {}
 
+    def batch_tokens(self, batch: Any) -> int:
+        """Target tokens in a batch (what loss() counts), without computing anything: the
+        simulator's clock charges a batch by them."""
+        tokens = getattr(batch, "tokens", None)
+        return int(tokens) if tokens is not None else int(batch.numel())
+
+    def epoch_tokens(self) -> int | None:
+        """Target tokens in one pass over the training data (for the fractional epoch of the
+        records); None where a task cannot say."""
+        return None
+
     def describe(self) -> str:
         """One line on the data, printed when a run starts."""
         return ""

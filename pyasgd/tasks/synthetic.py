@@ -68,6 +68,9 @@ class SyntheticTask(Task):
                 yield batch, nxt
             epoch, index = epoch + 1, 0
 
+    def epoch_tokens(self) -> int:
+        return self.config.train_size * self.config.seq_len
+
     def loss(self, model: nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         if self.config.compute_delay:
             # an accelerator busy with the batch, for a varying time: real step times vary, and

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyasgd.data import corpus as corpus_mod
-from pyasgd.data.batching import worker_batches
+from pyasgd.data.batching import collate, worker_batches
 from pyasgd.data.subword import PAD, train_or_load
 from pyasgd.models import build, model_config_from
 from pyasgd.models.search import beam_search, greedy
@@ -87,6 +87,34 @@ class TranslationTask(Task):
                                                   worker, workers, cursor.epoch, cursor.index):
             yield batch, Cursor(epoch, index)
 
+    def epoch_tokens(self) -> int:
+        return sum(len(t) + 1 for t in self.train_tgt)  # with EOS, as SentenceBatch.tokens
+
+    @torch.no_grad()
+    def dev_loss(self, model: nn.Module, batch_tokens: int = 4000) -> float:
+        """Cross-entropy per target token on the whole dev set (teacher-forced, no label
+        smoothing): the paper's stopping criterion."""
+        if getattr(self, "_dev_ids", None) is None:
+            dev = self.corpus.dev
+            src = self.subwords.encode([s for s, _ in dev])
+            tgt = self.subwords.encode([t for _, t in dev])
+            keep = sorted((i for i in range(len(dev)) if src[i] and tgt[i]), key=lambda i: (len(tgt[i]), len(src[i])))
+            self._dev_ids = ([src[i][:256] for i in keep], [tgt[i][:255] for i in keep])
+        src, tgt = self._dev_ids
+        device = next(model.parameters()).device
+        total, tokens, start = 0.0, 0, 0
+        while start < len(src):
+            end = start + 1
+            while end < len(src) and max(len(src[end]), len(tgt[end]) + 1) * (end + 1 - start) <= batch_tokens:
+                end += 1
+            b = collate(src[start:end], tgt[start:end]).to(device)
+            logits = model(b.src, b.tgt_in)
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), b.tgt_out.flatten(), ignore_index=PAD,
+                                           reduction="sum"))
+            tokens += b.tokens
+            start = end
+        return total / max(1, tokens)
+
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
         logits = model(batch.src, batch.tgt_in)
         loss = F.cross_entropy(logits.flatten(0, 1), batch.tgt_out.flatten(), ignore_index=PAD,
@@ -112,7 +140,7 @@ class TranslationTask(Task):
         dev = self.corpus.dev
         if self.config.valid_sentences:
             dev = dev[:self.config.valid_sentences]
-        return self._score(model, dev)
+        return {**self._score(model, dev), "loss": round(self.dev_loss(model), 5)}
 
     def final_test(self, model: nn.Module, run_dir: str) -> dict[str, Any]:
         pairs = self.corpus.test or self.corpus.dev  # the signature needs a scored corpus

@@ -1,0 +1,334 @@
+"""`pyasgd-study`: the paper's comparisons as one command. A study file names a grid of training
+runs (methods x learning rates x seeds x language pairs x any other setting); `run` trains every
+cell into its own run directory (resumable, failures recorded, optionally in parallel) and
+`report` turns the run directories into the paper's tables and figures.
+
+    pyasgd-study run studies/smoke.toml --out runs/smoke
+    pyasgd-study run studies/paper-cpu.toml --out runs/paper-cpu --jobs 2
+    pyasgd-study report runs/paper-cpu          # report.md, report.json, *.png
+
+A study file (TOML):
+
+    [base]                      # any pyasgd-train setting, for every cell
+    simulate = true
+    workers = 4
+    [grid]                      # lists of values; every combination is a cell
+    method = ["sync", "async", "async-global4"]
+    lr = [0.0015, 0.003]
+    seed = [1, 2]
+    pair = ["en-de"]            # optional; a name from [pairs.*] ("bundled" = the default corpus)
+    [methods.my-method]         # a method of your own: any settings
+    mode = "async"
+    global_accum = 2
+    [pairs.en-fr]               # a corpus: files relative to the study file
+    train_src = "data/en-fr/train.en"  # ... train_tgt, dev_src, dev_tgt, test_src, test_tgt
+
+Instead of one [grid], [[grids]] tables give several grids whose cells are pooled (a learning-rate
+sweep for three methods and an accumulation comparison at one rate, without the full product).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyasgd import rundir
+from pyasgd.config import TrainConfig, load_toml
+from pyasgd.errors import ConfigError
+
+# The paper's methods (Aji & Heafield 2019, Tables 1, 3, 5 and Figure 2) as TrainConfig settings.
+METHODS: dict[str, dict[str, Any]] = {
+    "sync": {"mode": "sync"},
+    "async": {"mode": "async", "global_accum": 1},
+    "async-local4": {"mode": "async", "local_accum": 4, "global_accum": 1},
+    "async-local2-global2": {"mode": "async", "local_accum": 2, "global_accum": 2},
+    "async-global4": {"mode": "async", "global_accum": 4},
+    "async-globalN": {"mode": "async", "global_accum": None},  # G = N, whatever N is
+    "sync-pull7": {"mode": "sync", "pull_every": 7},
+    "sync-pull5": {"mode": "sync", "pull_every": 5},
+    "async-scale": {"mode": "async", "global_accum": 1, "stale_policy": "scale"},
+    "async-drop2": {"mode": "async", "global_accum": 1, "stale_policy": "drop:2"},
+}
+PAIR_FILES = ("train_src", "train_tgt", "dev_src", "dev_tgt", "test_src", "test_tgt")
+CELL = "cell.json"           # in each cell's run directory: what the cell is
+CELL_ERROR = "cell-error.txt"  # a failed cell's error
+CELL_LOG = "cell.log"        # the cell's stderr
+STUDY = "study.json"         # in the study directory: the study file's content and its cells
+# Grid keys that name a cell's position in the paper's tables; any other grid key is a "variant".
+AXES = ("method", "pair", "lr", "seed")
+
+
+@dataclass
+class Cell:
+    name: str
+    method: str
+    pair: str
+    lr: float
+    seed: int
+    variant: dict[str, Any]          # the other grid keys of this cell
+    settings: dict[str, Any] = field(repr=False)  # the TrainConfig fields (without out)
+
+    def describe(self) -> dict[str, Any]:
+        return {"cell": self.name, "method": self.method, "pair": self.pair, "lr": self.lr, "seed": self.seed,
+                "variant": self.variant}
+
+
+class StudyError(ConfigError):
+    """A study file that cannot run; the message names the key."""
+
+
+# -- the study file ------------------------------------------------------------------------------
+def load_study(path: str) -> tuple[dict[str, Any], list[Cell]]:
+    """The study file's content and its cells, every one checked (TrainConfig accepts it, its files
+    exist) before anything runs."""
+    try:
+        spec = load_toml(path)
+    except ConfigError as e:
+        raise StudyError(str(e).replace("--config: ", "")) from None
+    return spec, expand(spec, os.path.dirname(os.path.abspath(path)), source=path)
+
+
+def expand(spec: dict[str, Any], root: str, source: str = "study") -> list[Cell]:
+    known = {"study", "base", "grid", "grids", "methods", "pairs"}
+    for key in spec:
+        if key not in known:
+            raise StudyError(f"{source}: unknown table [{key}]; a study file has {', '.join(sorted(known))}")
+    base = dict(spec.get("base", {}))
+    for key in AXES[:2]:
+        if key in base:
+            raise StudyError(f"{source}: [base] {key}: give it in [grid] (a list)")
+    methods = {**METHODS, **{k: dict(v) for k, v in spec.get("methods", {}).items()}}
+    pairs = {"bundled": {}, **_pairs(spec.get("pairs", {}), root, source)}
+    if "grid" in spec and "grids" in spec:
+        raise StudyError(f"{source}: give [grid] or [[grids]], not both")
+    grids = spec.get("grids") or [spec.get("grid", {})]
+    if not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
+        raise StudyError(f"{source}: [[grids]] must be tables")
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    default_lr = base.get("lr", TrainConfig.lr)
+    default_seed = base.get("seed", TrainConfig.seed)
+    cells: dict[str, Cell] = {}
+    for gi, grid in enumerate(grids):
+        where = "[grid]" if len(grids) == 1 else f"[[grids]] #{gi + 1}"
+        axes = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
+        for key, values in axes.items():
+            if key not in AXES and key.replace("-", "_") not in fields:
+                raise StudyError(f"{source}: {where} {key}: not a setting of pyasgd-train nor one of {', '.join(AXES)}")
+            if not values:
+                raise StudyError(f"{source}: {where} {key}: give at least one value")
+        axes.setdefault("method", ["async-globalN"])
+        axes.setdefault("pair", ["bundled"])
+        for m in axes["method"]:
+            if m not in methods:
+                raise StudyError(f"{source}: {where} method: unknown method {m!r}; built in: "
+                                 f"{', '.join(METHODS)}; or define [methods.{m}]")
+        for p in axes["pair"]:
+            if p not in pairs:
+                raise StudyError(f"{source}: {where} pair: unknown pair {p!r}; define [pairs.{p}] with "
+                                 f"{', '.join(PAIR_FILES[:4])}" + (f" (defined: {', '.join(pairs)})" if pairs else ""))
+        keys = list(axes)
+        for combo in itertools.product(*(axes[k] for k in keys)):
+            values = dict(zip(keys, combo))
+            method, pair = values.pop("method"), values.pop("pair")
+            lr, seed = values.pop("lr", default_lr), values.pop("seed", default_seed)
+            variant = {k.replace("-", "_"): v for k, v in values.items()}
+            settings = {**base, **methods[method], **pairs[pair], **variant, "lr": lr, "seed": seed, "quiet": True}
+            if settings.get("global_accum", 0) is None:
+                settings.pop("global_accum")
+            name = cell_name(method, pair, lr, seed, variant)
+            try:
+                TrainConfig.from_dict(settings, source=f"{source}: cell {name}")
+            except ConfigError as e:
+                raise StudyError(f"{source}: {where}: {e}") from None
+            cells.setdefault(name, Cell(name, method, pair, float(lr), int(seed), variant, settings))
+    if not cells:
+        raise StudyError(f"{source}: the grid has no cells")
+    return list(cells.values())
+
+
+def _pairs(pairs: dict[str, Any], root: str, source: str) -> dict[str, dict[str, str]]:
+    out = {}
+    for name, files in pairs.items():
+        if not isinstance(files, dict):
+            raise StudyError(f"{source}: [pairs.{name}] must be a table of files")
+        for key in files:
+            if key not in PAIR_FILES:
+                raise StudyError(f"{source}: [pairs.{name}] {key}: unknown; a pair has {', '.join(PAIR_FILES)}")
+        for key in PAIR_FILES[:4]:
+            if key not in files:
+                raise StudyError(f"{source}: [pairs.{name}] {key}: missing (a pair needs {', '.join(PAIR_FILES[:4])})")
+        resolved = {}
+        for key, path in files.items():
+            full = path if os.path.isabs(path) else os.path.join(root, path)
+            if not os.path.isfile(full):
+                raise StudyError(f"{source}: [pairs.{name}] {key}: no such file {full}"
+                                 + ("; build it with pyasgd-data bible (see the study file's comments)"))
+            resolved[key] = full
+        out[name] = resolved
+    return out
+
+
+def cell_name(method: str, pair: str, lr: float, seed: int, variant: dict[str, Any]) -> str:
+    parts = [method] + ([] if pair == "bundled" else [pair]) + [f"lr{lr:g}", f"s{seed}"]
+    parts += [f"{k}{v}" for k, v in sorted(variant.items())]
+    return re.sub(r"[^A-Za-z0-9.=+-]+", "_", "-".join(str(p) for p in parts))
+
+
+# -- running ---------------------------------------------------------------------------------------
+def cell_status(run_dir: str) -> str:
+    if os.path.isfile(os.path.join(run_dir, rundir.SUMMARY)):
+        return "done"
+    if os.path.isfile(os.path.join(run_dir, CELL_ERROR)):
+        return "failed"
+    return "unfinished" if os.path.isdir(run_dir) else "new"
+
+
+def run_study(path: str, out: str, jobs: int = 1, echo=print) -> int:
+    """Run every unfinished cell; returns the number of cells that failed."""
+    spec, cells = load_study(path)
+    if jobs < 1:
+        raise StudyError(f"--jobs: must be >= 1, got {jobs}")
+    os.makedirs(out, exist_ok=True)
+    rundir.write_json(os.path.join(out, STUDY), {"study_file": os.path.abspath(path), "spec": spec,
+                                                 "cells": [c.describe() for c in cells]})
+    total = len(cells)
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
+
+    def one(item: tuple[int, Cell]) -> bool:
+        i, cell = item
+        tag = f"[{i}/{total}] {cell.name}"
+        run_dir = os.path.join(out, cell.name)
+        if cell_status(run_dir) == "done":
+            echo(f"{tag}: finished earlier, skipped")
+            return True
+        t = time.monotonic()
+        ok, message = run_cell(cell, run_dir, threads)
+        took = time.monotonic() - t
+        echo(f"{tag}: {message} ({took:.0f} s)" if ok else f"{tag}: FAILED after {took:.0f} s: {message}")
+        return ok
+
+    items = list(enumerate(cells, 1))
+    if jobs == 1:
+        results = [one(item) for item in items]
+    else:
+        with ThreadPoolExecutor(jobs) as pool:
+            results = list(pool.map(one, items))
+    failed = results.count(False)
+    echo(f"pyasgd-study: {total - failed} of {total} cells finished, {failed} failed; "
+         f"pyasgd-study report {out}")
+    return failed
+
+
+def run_cell(cell: Cell, run_dir: str, threads: int = 0) -> tuple[bool, str]:
+    """Train one cell in its own process (a crash or a leak stays there): resumed from its
+    checkpoint where a previous try left one, else from the start."""
+    status = cell_status(run_dir)
+    resumable = os.path.isfile(os.path.join(run_dir, rundir.CHECKPOINT)) and \
+        os.path.isfile(os.path.join(run_dir, rundir.CONFIG))
+    if status in ("unfinished", "failed") and not resumable:
+        shutil.rmtree(run_dir)  # nothing to continue from: start again
+    elif status == "failed":
+        os.remove(os.path.join(run_dir, CELL_ERROR))
+    os.makedirs(run_dir, exist_ok=True)
+    rundir.write_json(os.path.join(run_dir, CELL), cell.describe())
+    cfg_path = os.path.join(run_dir, "cell.toml")
+    if resumable:
+        argv = ["--resume", run_dir, "--quiet"]
+    else:
+        _write_toml(cfg_path, {**cell.settings, "out": run_dir})
+        argv = ["--config", cfg_path]
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(os.path.join(run_dir, CELL_LOG), "a", encoding="utf-8") as log:
+        proc = subprocess.run([sys.executable, "-m", "pyasgd.cli", *argv], stdout=subprocess.PIPE,
+                              stderr=log, text=True, env=env)
+    if proc.returncode == 0 and os.path.isfile(os.path.join(run_dir, rundir.SUMMARY)):
+        s = rundir.read_json(os.path.join(run_dir, rundir.SUMMARY))
+        return True, _result_line(s, resumed=resumable)
+    with open(os.path.join(run_dir, CELL_LOG), encoding="utf-8") as f:
+        tail = [line.rstrip() for line in f.readlines()[-20:] if line.strip()]
+    why = next((line for line in reversed(tail) if "error" in line.lower() or "failed" in line.lower()),
+               tail[-1] if tail else f"exit code {proc.returncode}")
+    with open(os.path.join(run_dir, CELL_ERROR), "w", encoding="utf-8") as f:
+        f.write(f"exit code {proc.returncode}\n" + "\n".join(tail) + "\n")
+    return False, why
+
+
+def _result_line(s: dict[str, Any], resumed: bool) -> str:
+    bits = ["resumed and finished" if resumed else "finished"]
+    if s.get("best_valid_bleu") is not None:
+        bits.append(f"dev BLEU {s['best_valid_bleu']:.2f}")
+    elif s.get("best_valid") is not None:
+        bits.append(f"dev {s.get('primary_metric')} {s['best_valid']:.4g}")
+    if s.get("test_bleu") is not None:
+        bits.append(f"test BLEU {s['test_bleu']:.2f}")
+    bits.append(f"{s['updates']} updates")
+    if s.get("epochs") is not None:
+        bits.append(f"{s['epochs']:.2f} epochs")
+    bits.append(f"stopped: {s['stopped_because']}")
+    return ", ".join(bits)
+
+
+def _write_toml(path: str, settings: dict[str, Any]) -> None:
+    lines = []
+    for k, v in sorted(settings.items()):
+        if v is None:
+            continue
+        lines.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+# -- the command -------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pyasgd-study", description=__doc__.split("\n\n")[0],
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run a study's cells (finished ones are skipped)")
+    r.add_argument("study", help="the study file (TOML)")
+    r.add_argument("--out", required=True, help="the study directory: one run directory per cell")
+    r.add_argument("--jobs", type=int, default=1, help="cells run in parallel (default 1)")
+    r.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+    rep = sub.add_parser("report", help="write report.md, report.json and the plots of a study directory")
+    rep.add_argument("dir", help="the study directory")
+    rep.add_argument("--targets", help="comma list of dev BLEU targets for Table 3 (default: the cells' "
+                     "--bleu-targets, else 80, 90 and 95%% of sync's best dev BLEU)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "run":
+            failed = run_study(args.study, args.out, args.jobs)
+            if not args.no_report:
+                from pyasgd.study_report import write_report
+
+                print(f"pyasgd-study: report in {write_report(args.out)}")
+            return 1 if failed else 0
+        from pyasgd.study_report import write_report
+
+        try:
+            targets = [float(x) for x in args.targets.split(",") if x.strip()] if args.targets else None
+        except ValueError:
+            raise ConfigError(f"--targets: give a comma list of BLEU scores, got {args.targets!r}") from None
+        print(f"pyasgd-study: report in {write_report(args.dir, targets)}")
+        return 0
+    except ConfigError as e:
+        print(f"pyasgd-study: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyasgd-study: interrupted; run the same command again to go on", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""pyasgd-study as a user runs it: the bundled smoke study end to end, resuming, a failing
+cell, and study files that must fail before any cell runs."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pyasgd.study import load_study, main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "studies", "smoke.toml")
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """The smoke study, run once by the console script as a user would."""
+    out = tmp_path_factory.mktemp("smoke") / "study"
+    r = subprocess.run([sys.executable, "-m", "pyasgd.study", "run", SMOKE, "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr + r.stdout
+    return out, r
+
+
+def test_the_smoke_study_runs_every_cell_and_reports_the_cells_own_numbers(smoke):
+    out, r = smoke
+    _, cells = load_study(SMOKE)
+    assert len(cells) == 4
+    for i, cell in enumerate(cells, 1):
+        assert f"[{i}/4] {cell.name}: finished" in r.stdout
+    rows = read_json(out / "report.json")
+    assert sorted(row["cell"] for row in rows) == sorted(c.name for c in cells)
+    for row in rows:
+        s = read_json(os.path.join(row["run_dir"], "summary.json"))
+        assert row["status"] == "done"
+        for key in ("best_valid_bleu", "test_bleu", "best_valid_loss", "avg_staleness", "updates", "epochs",
+                    "time_kind"):
+            assert row[key] == s[key], key
+        assert row["wps"] == s["virtual_wps"] and row["time_kind"] == "virtual"
+        assert row["time_to_bleu"] == s["time_to_bleu"]
+        assert row["best_valid_loss"] is not None and row["epochs"] > 0
+        cfg = read_json(os.path.join(row["run_dir"], "config.json"))
+        assert cfg["lr"] == row["lr"] and cfg["seed"] == row["seed"] and cfg["simulate"] is True
+        assert cfg["mode"] == ("sync" if row["method"] == "sync" else "async")
+    report = (out / "report.md").read_text()
+    for heading in ("Best dev BLEU by learning rate", "Quality and convergence", "Every cell"):
+        assert heading in report
+    for row in rows:  # the table of every cell shows the summary's numbers
+        assert f"| {row['cell']} | done" in report and f"{row['best_valid_loss']:.3f}" in report
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["fig-curves-1.png", "fig-staleness-1.png"]
+    assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_a_second_run_skips_finished_cells(smoke, run_main):
+    out, _ = smoke
+    before = {p: os.path.getmtime(p) for p in out.glob("*/summary.json")}
+    r = run_main(main, "run", SMOKE, "--out", out, "--no-report")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("finished earlier, skipped") == 4
+    assert {p: os.path.getmtime(p) for p in out.glob("*/summary.json")} == before
+
+
+def test_report_works_from_a_copied_study_directory(smoke, tmp_path, run_main):
+    out, _ = smoke
+    copy = tmp_path / "copied"
+    shutil.copytree(out, copy)
+    for p in list(copy.glob("*.png")) + [copy / "report.json", copy / "report.md", copy / "study.json"]:
+        p.unlink()
+    r = run_main(main, "report", copy)
+    assert r.returncode == 0, r.stderr
+    a, b = read_json(out / "report.json"), read_json(copy / "report.json")
+    strip = lambda rows: [{k: v for k, v in row.items() if k != "run_dir"} for row in rows]  # noqa: E731
+    assert strip(a) == strip(b)
+
+
+SYNTH = """
+[base]
+task = "synthetic"
+simulate = true
+workers = 2
+max_updates = 20
+max_time = 0
+valid_every_tokens = 0
+save_every = 10
+[grid]
+method = {methods}
+seed = [1, 2]
+"""
+
+
+def test_a_failing_cell_is_recorded_and_the_others_complete(tmp_path, run_main):
+    study = tmp_path / "s.toml"
+    # "crash" passes the study's checks (its settings are well-formed) but fails when it runs:
+    # the run directory it asks to resume does not exist.
+    study.write_text(SYNTH.format(methods='["sync", "crash"]')
+                     + '[methods.crash]\nmode = "async"\nresume = "/nonexistent"\n')
+    out = tmp_path / "out"
+    r = run_main(main, "run", study, "--out", out)
+    assert r.returncode == 1
+    assert r.stdout.count(": FAILED after") == 2 and r.stdout.count(": finished (") == 0
+    assert "2 of 4 cells finished, 2 failed" in r.stdout
+    rows = {row["cell"]: row for row in read_json(out / "report.json")}
+    failed = [row for row in rows.values() if row["status"] == "failed"]
+    assert len(failed) == 2 and all("not a run directory" in row["error"] for row in failed)
+    assert all(row["status"] == "done" for row in rows.values() if row["method"] == "sync")
+    assert (out / failed[0]["cell"] / "cell-error.txt").is_file()
+
+
+@pytest.mark.parametrize("text, key", [
+    ('[grid]\nmethod = ["sync", "asynch"]\n', "method: unknown method 'asynch'"),
+    ('[grid]\nlr = [0.001, -1.0]\n', "--lr"),
+    ('[grid]\nlearning_rate = [0.1]\n', "learning_rate: not a setting"),
+    ('[base]\nworkers = 0\n[grid]\nmethod = ["sync"]\n', "--workers"),
+    ('[grid]\npair = ["en-xx"]\n', "pair: unknown pair 'en-xx'"),
+    ('[grid]\npair = ["p"]\n[pairs.p]\ntrain_src = "a"\ntrain_tgt = "b"\ndev_src = "c"\ndev_tgt = "d"\n',
+     "[pairs.p] train_src: no such file"),
+    ('[grid]\npair = ["p"]\n[pairs.p]\ntrain_src = "a"\n', "[pairs.p] train_tgt: missing"),
+    ('[gird]\nmethod = ["sync"]\n', "unknown table [gird]"),
+    ('[grid\n', "not valid TOML"),
+])
+def test_a_bad_study_file_fails_before_any_cell_naming_the_key(tmp_path, run_main, text, key):
+    study = tmp_path / "bad.toml"
+    study.write_text('[base]\ntask = "synthetic"\nsimulate = true\nmax_updates = 5\n' + text
+                     if not text.startswith("[base]") else text)
+    out = tmp_path / "out"
+    r = run_main(main, "run", study, "--out", out)
+    assert r.returncode == 2
+    assert key in r.stderr, r.stderr
+    assert not out.exists()  # nothing ran, nothing was written
+
+
+def test_report_of_a_missing_directory_is_a_clear_error(tmp_path, run_main):
+    r = run_main(main, "report", tmp_path / "nowhere")
+    assert r.returncode == 2 and "no such study directory" in r.stderr
