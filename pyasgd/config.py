@@ -64,6 +64,10 @@ class TrainConfig:
     """mixed precision in the workers: none (fp32) or bf16 (forward and backward under bf16
     autocast, on CUDA and on CPUs that support it); gradients reach the server in fp32 and the
     server keeps fp32 master parameters."""
+    worker_slowdown: str = ""
+    """RANK:FACTOR[,RANK:FACTOR...]: worker RANK sleeps (FACTOR - 1) times its compute time after
+    each gradient, standing for a FACTOR-times slower accelerator (real processes; the simulator
+    has --sim-speeds). E.g. 3:2 makes worker 3 a 2x straggler."""
     threads: int = 0
     """torch threads per CPU worker; 0 = floor(cores / workers), at least 1."""
     seed: int = field(default=1, metadata=FIXED)
@@ -230,6 +234,7 @@ class TrainConfig:
         need(self.sim_time_std >= 0, "sim_time_std", "must be >= 0")
         need(self.sim_wps > 0, "sim_wps", f"must be > 0, got {self.sim_wps}")
         self.worker_speeds()  # validates --sim-speeds
+        self.slowdowns()  # validates --worker-slowdown
         need(self.patience_metric in PATIENCE_METRICS, "patience_metric",
              f"must be loss or bleu (or empty for the task's primary metric), got {self.patience_metric!r}")
         need(not (self.patience_metric == "bleu" and self.task != "translation"), "patience_metric",
@@ -282,6 +287,22 @@ class TrainConfig:
             if t >= 0:
                 return t
         raise ConfigError(f"--stale-policy: must be none, scale or drop:T with an integer T >= 0, got {p!r}")
+
+    def slowdowns(self) -> dict[int, float]:
+        """{rank: factor} of --worker-slowdown."""
+        out: dict[int, float] = {}
+        for item in (x.strip() for x in self.worker_slowdown.split(",") if x.strip()):
+            rank, _, factor = item.partition(":")
+            try:
+                r, f = int(rank), float(factor)
+            except ValueError:
+                raise ConfigError(f"--worker-slowdown: give RANK:FACTOR pairs such as 3:2, got {item!r}") from None
+            if not 0 <= r < self.workers:
+                raise ConfigError(f"--worker-slowdown: rank {r} is not a worker (0..{self.workers - 1})")
+            if not (1 <= f < float("inf")):
+                raise ConfigError(f"--worker-slowdown: the factor must be a finite number >= 1, got {factor!r}")
+            out[r] = f
+        return out
 
     def worker_speeds(self) -> list[float]:
         """Each virtual worker's relative compute time (--sim-speeds)."""

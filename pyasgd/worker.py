@@ -84,6 +84,7 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
     data = task.batches(rank, config.workers, cursor)
     sync, U, k = config.mode == "sync", config.pull_every, config.local_accum
     compute_s = wait_s = 0.0
+    slowdown = config.slowdowns().get(rank, 1.0)  # a slower accelerator, emulated by sleeping
     fault = _fault(rank)
     pushes, last_report = 0, time.monotonic()
     try:
@@ -98,6 +99,8 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
         while not args.stop.is_set():
             t = time.monotonic()
             tokens, loss_sum, cursor = local_gradient(task, flat, data, k, device, config.amp)
+            if slowdown > 1.0:
+                time.sleep((slowdown - 1.0) * (time.monotonic() - t))
             t2 = time.monotonic()
             compute_s += t2 - t
             region.push(flat.grads, version=pulled, tokens=tokens, worker=rank, loss=loss_sum,

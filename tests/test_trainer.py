@@ -182,6 +182,17 @@ def test_validation_in_its_own_process_keeps_the_best_snapshot(tmp_path):
 
 
 @pytest.mark.slow
+def test_worker_slowdown_makes_one_worker_a_straggler(tmp_path):
+    """--worker-slowdown 1:3: worker 1 takes three times as long per gradient (a slower
+    accelerator); in sync mode worker 0 then spends most of its time waiting at the barrier."""
+    train(cfg(tmp_path, workers=2, mode="sync", max_updates=150, compute_delay=0.01, worker_slowdown="1:3"))
+    final = {r["worker"]: r for r in records(str(tmp_path / "run"), "progress") if r.get("final")}
+    fast, slow = final[0], final[1]
+    assert slow["compute_s"] / slow["pushes"] == pytest.approx(3 * fast["compute_s"] / fast["pushes"], rel=0.3)
+    assert fast["wait_s"] > fast["compute_s"]
+
+
+@pytest.mark.slow
 def test_sync_matches_single_process_with_summed_batches(tmp_path):
     from pyasgd.flat import FlatModel
     from pyasgd.server import Updater
@@ -477,3 +488,9 @@ def test_config_errors_name_the_option():
         TrainConfig(max_updates=0, max_time=0)
     with pytest.raises(ConfigError, match="unknown setting 'batchsize'"):
         TrainConfig.from_dict({"batchsize": 3})
+
+
+@pytest.mark.parametrize("spec", ["1", "x:2", "2:2", "0:0.5", "0:inf"])
+def test_a_bad_worker_slowdown_names_the_option(spec):
+    with pytest.raises(ConfigError, match="--worker-slowdown"):
+        TrainConfig(workers=2, worker_slowdown=spec)
