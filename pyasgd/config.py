@@ -156,6 +156,9 @@ class TrainConfig:
     every method is then validated at the same training progress, whatever its G or k."""
     valid_every: int = 0
     """validate every this many server updates instead of by tokens (0 = use --valid-every-tokens)."""
+    valid_process: bool = True
+    """validate real-process runs in their own process (pyasgd-valid) at a lower CPU priority,
+    so the workers keep their cores; --no-valid-process validates in the launcher."""
     patience: int = 0
     """stop after this many validations without improvement (0 = never; the paper used 5)."""
     patience_metric: str = ""

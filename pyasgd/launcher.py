@@ -63,6 +63,12 @@ class Launcher:
         self.failure = ""          # what went wrong, with a traceback where there is one
         self.worker_errors: dict[int, str] = {}  # rank -> traceback it reported before dying
         self.last_checkpoint: int | None = None  # server update of the last checkpoint written
+        self.validator = None      # the pyasgd-valid process, its request queue and shared snapshot
+        self.valid_requests = None
+        self.snapshot: torch.Tensor | None = None
+        self.validator_ready = False
+        self.valid_wanted = False  # a validation point has passed and is not yet served
+        self.inflight: dict | None = None  # the validation the validator is working on
         self.start = time.monotonic()  # reset when every worker is ready
 
     def run(self) -> dict[str, Any]:
@@ -88,6 +94,8 @@ class Launcher:
             self.region.publish(flat.params)
             self._spawn(resume)
             schedule = ValidationSchedule(c, log.updates, log.tokens)
+            if c.valid_process and schedule.every:
+                self._spawn_validator()
             while not stopped_because:
                 stopped_because = self._poll()
                 if pbar is not None:
@@ -95,10 +103,14 @@ class Launcher:
                     pbar.set_postfix(log.postfix(), refresh=False)
                 if stopped_because:
                     break
-                if schedule.due(log.updates, log.tokens):
+                self.valid_wanted = schedule.due(log.updates, log.tokens) or self.valid_wanted
+                if self.valid_wanted and self.validator is None:
                     validate(task, flat, log, self.run_dir, log.updates, self.region.pull(flat.params))
+                    self.valid_wanted = False
                     if log.out_of_patience:
                         stopped_because = "patience"
+                elif self.valid_wanted and self.validator_ready and self.inflight is None:
+                    self._request_validation()
                 stopped_because = self._check_health() or stopped_because
             self._stop()
             train_end = time.monotonic()  # wall_s and wps count training, not the final decoding
@@ -152,6 +164,39 @@ class Launcher:
         for rank in range(c.workers):
             self.procs.append(self._start_worker(rank))
 
+    def _spawn_validator(self) -> None:
+        from pyasgd.validator import ValidatorArgs, validator_main
+
+        self.snapshot = torch.empty(self.flat.n).share_memory_()
+        self.valid_requests = self.ctx.Queue()
+        self.validator = self.ctx.Process(target=validator_main, name="validator", daemon=True, args=(
+            ValidatorArgs(config=self.config, snapshot=self.snapshot, requests=self.valid_requests,
+                          queue=self.queue, device=str(self.eval_device)),))
+        self.validator.start()
+
+    def _request_validation(self) -> None:
+        """Hand the validator a consistent snapshot of the published parameters, taken now."""
+        log = self.log
+        version = self.region.pull(self.snapshot)
+        self.inflight = {"id": len(log.valid), "update": log.updates, "version": version, "at": log.snapshot()}
+        log.validation_started()
+        self.valid_requests.put({"id": self.inflight["id"]})
+        self.valid_wanted = False
+
+    def _validation_done(self, r: dict) -> str:
+        """Log the validator's answer; keep the snapshot as best.pt when it is the best."""
+        v, log = self.inflight, self.log
+        self.inflight = None
+        if v is None or r["id"] != v["id"]:
+            return ""
+        log.validation_ended()
+        log.valid_s += r["seconds"]
+        metrics = {**r["metrics"], "version": v["version"]}
+        if log.on_valid(v["update"], metrics, v["at"]):
+            checkpoint.save_atomic({"params": self.snapshot.clone(), "update": v["update"]},
+                                   os.path.join(self.run_dir, rundir.BEST))
+        return "patience" if log.out_of_patience else ""
+
     def _start_worker(self, rank: int):
         """Worker `rank` (a first one or a replacement): it pulls the current parameters and goes
         on from the data position its rank last pushed."""
@@ -178,7 +223,11 @@ class Launcher:
                 return ""
             self.failure = self.failure or f"{r['process']} failed:\n{r['traceback']}"
             return "failed"
-        if kind == "checkpoint":
+        if kind == "valid_result":
+            return self._validation_done(r)
+        if kind == "validator_ready":
+            self.validator_ready = True
+        elif kind == "checkpoint":
             self.last_checkpoint = r["update"]
         elif kind == "server_done":
             self.server_done = True
@@ -222,6 +271,10 @@ class Launcher:
                   file=sys.stderr)
             p.join(1)
             self.procs[i] = self._start_worker(rank)
+        if self.validator is not None and self.validator.exitcode not in (None, 0):
+            reason = self._poll(0.2)  # its error record, sent just before dying
+            self.failure = self.failure or f"the validator process died ({_exit_text(self.validator.exitcode)})"
+            return reason or "failed"
         if c.max_time and self.go.is_set() and now - self.start >= c.max_time:
             return "max_time"
         return ""
@@ -244,8 +297,14 @@ class Launcher:
                 self.log.record(r)
                 self.server_done = self.server_done or r["kind"] == "server_done"
         self.region.shutdown()
+        if self.validator is not None:
+            if self.inflight is not None:
+                self.validator.kill()  # its answer is no longer wanted: do not wait for its decoding
+            else:
+                self.valid_requests.put(None)
+        everyone = self.procs + ([self.validator] if self.validator is not None else [])
         deadline = time.monotonic() + 30
-        while any(p.is_alive() for p in self.procs) and time.monotonic() < deadline:
+        while any(p.is_alive() for p in everyone) and time.monotonic() < deadline:
             for r in _drain(self.queue, 0.05):
                 self.log.record(r)
         for r in _drain(self.queue, 0.0):
@@ -253,10 +312,14 @@ class Launcher:
 
     def _reap(self) -> None:
         """Nothing outlives the run."""
-        for p in self.procs:
+        for p in self.procs + ([self.validator] if self.validator is not None else []):
             if p.is_alive():
                 p.kill()
             p.join(5)
+        if self.valid_requests is not None:  # release its semaphores now, not at interpreter exit
+            self.valid_requests.close()
+            self.valid_requests.join_thread()
+            self.validator = self.valid_requests = None
 
 
 def _resume_positions(state: dict, workers: int) -> list[int]:

@@ -73,11 +73,13 @@ def validate(task, flat: FlatModel, log: RunLog, run_dir: str, update: int, vers
     best.pt."""
     model = flat.model
     at = log.snapshot()  # the progress and clocks at the snapshot, not after decoding
+    log.validation_started()
     model.eval()
     try:
         metrics = task.evaluate(model)
     finally:
         model.train()
+        log.validation_ended()
     if version is not None:
         metrics["version"] = version
     log.valid_s += log.elapsed - at["time"]

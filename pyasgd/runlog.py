@@ -31,6 +31,9 @@ class RunLog:
         self.gradients = 0         # gradients in applied updates
         self.vtime: float | None = 0.0 if config.simulate else None  # the simulator's virtual clock
         self.valid_s = 0.0         # wall time spent validating
+        self.window_s = 0.0        # wall time while a validation was running, and the tokens
+        self.window_tokens = 0     # trained on meanwhile (the workers' speed with and without it)
+        self._window: tuple[float, int] | None = None
         # The simulator stops training while it validates; real workers go on meanwhile.
         self.pauses_for_validation = bool(config.simulate)
         self.epoch_tokens = task.epoch_tokens()
@@ -97,6 +100,16 @@ class RunLog:
         if self.vtime is not None:
             at["vtime"] = round(self.vtime, 3)
         return at
+
+    def validation_started(self) -> None:
+        self._window = (self.elapsed, self.tokens)
+
+    def validation_ended(self) -> None:
+        if self._window is not None:
+            t, tokens = self._window
+            self.window_s += self.elapsed - t
+            self.window_tokens += self.tokens - tokens
+            self._window = None
 
     def epochs(self) -> float | None:
         """Passes over the training data so far (target tokens / tokens per epoch)."""
@@ -187,6 +200,9 @@ class RunLog:
             "epochs": self.epochs(), "time_kind": self.time_kind, "valid_s": round(self.valid_s, 3),
             "virtual_time_s": round(self.vtime, 3) if self.vtime is not None else None,
             "virtual_wps": round(self.tokens / self.vtime, 1) if self.vtime else None,
+            "wps_while_validating": round(self.window_tokens / self.window_s, 1) if self.window_s > 0 else None,
+            "wps_not_validating": (round((self.tokens - self.window_tokens) / (wall_s - self.window_s), 1)
+                                   if wall_s - self.window_s > 0 else None),
             "wall_s": round(wall_s, 3), "wps": round(self.tokens / wall_s, 1) if wall_s > 0 else None,
             "updates_per_s": round(self.updates / wall_s, 3) if wall_s > 0 else None,
             "avg_staleness": self.avg_staleness(),

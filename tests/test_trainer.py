@@ -151,7 +151,9 @@ def test_real_process_staleness_within_10_percent(tmp_path, case):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["sync", "async", "combined"])
 def test_real_processes_converge(tmp_path, method):
-    summary = train(cfg(tmp_path, workers=2, max_updates=300, valid_every=100, **METHODS[method]))
+    # Validation in the launcher: a run this short ends before a validator process has started.
+    summary = train(cfg(tmp_path, workers=2, max_updates=300, valid_every=100, valid_process=False,
+                        **METHODS[method]))
     ups = records(str(tmp_path / "run"), "update")
     assert sum(r["loss"] for r in ups[-10:]) < 0.5 * sum(r["loss"] for r in ups[:10])
     assert summary["best_valid"] > 0.6
@@ -161,6 +163,22 @@ def test_real_processes_converge(tmp_path, method):
                 "stopped_because"):
         assert key in summary
     assert os.path.exists(tmp_path / "run" / "best.pt")
+
+
+@pytest.mark.slow
+def test_validation_in_its_own_process_keeps_the_best_snapshot(tmp_path):
+    """The pyasgd-valid process evaluates snapshots while the workers go on; its records carry
+    the progress at the snapshot, best.pt holds the best one, and the summary says what
+    validating cost the workers."""
+    summary = train(cfg(tmp_path, workers=2, max_updates=400, valid_every=40, compute_delay=0.01, lr=5e-3))
+    valid = records(str(tmp_path / "run"), "valid")
+    assert len(valid) >= 3
+    for v in valid:
+        assert v["tokens"] >= v["update"] * 2 * 32 * 16 * 0.5 and v["version"] >= v["update"]
+    assert [v["update"] for v in valid] == sorted(v["update"] for v in valid)
+    assert summary["valid_s"] > 0 and summary["wps_while_validating"] and summary["wps_not_validating"]
+    best = max(valid, key=lambda v: v["accuracy"])  # the first of the best (ties do not replace it)
+    assert checkpoint.load(str(tmp_path / "run" / "best.pt"))["update"] == best["update"]
 
 
 @pytest.mark.slow
@@ -286,7 +304,7 @@ def assert_all_gone(pids, within=10.0):
 
 def start_cli(tmp_path, *args):
     p = subprocess.Popen([sys.executable, "-m", "pyasgd.cli", "--task", "synthetic", "--workers", "2", "--max-time", "0",
-                          "--max-updates", "100000",
+                          "--max-updates", "100000", "--valid-every", "50",
                           "--quiet", "--out", str(tmp_path / "run"), *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
