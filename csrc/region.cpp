@@ -39,7 +39,8 @@ static_assert(offsetof(Header, magic) == 0 && offsetof(Header, layout_version) =
               offsetof(Header, owner_pid) == 12 && offsetof(Header, n) == 16 &&
               offsetof(Header, slots) == 24 && offsetof(Header, param_offset) == 32 &&
               offsetof(Header, slot_meta_offset) == 48 && offsetof(Header, slot_data_offset) == 56 &&
-              offsetof(Header, slot_stride) == 64 && offsetof(Header, total_bytes) == 72,
+              offsetof(Header, slot_stride) == 64 && offsetof(Header, total_bytes) == 72 &&
+              offsetof(Header, grad_dtype) == 80,
               "header field offsets are part of the segment format");
 
 constexpr uint64_t kAlign = 4096;  // page-aligned buffers: DMA-friendly and 64-byte aligned for SIMD
@@ -53,23 +54,29 @@ struct Identity {
 };
 static_assert(sizeof(Identity) == 16, "identity is the header's first 16 bytes");
 
-// Lays out a region of n parameters and `slots` gradient slots, every product and sum checked:
-// false (with the reason) when it does not fit 64-bit offsets. Both create() and attach() use
-// it, so a header is valid exactly when it equals what this computes from its own n and slots.
-bool compute_layout(uint64_t n, uint64_t slots, Layout* out, std::string* why) {
+// Lays out a region of n fp32 parameters and `slots` gradient slots of `grad_dtype`, every
+// product and sum checked: false (with the reason) when it does not fit 64-bit offsets. Both
+// create() and attach() use it, so a header is valid exactly when it equals what this computes
+// from its own n, slots and grad_dtype.
+bool compute_layout(uint64_t n, uint64_t slots, uint32_t grad_dtype, Layout* out, std::string* why) {
   if (n == 0) return *why = "n = 0 (a region holds at least one parameter)", false;
   if (slots == 0 || slots > kMaxSlots)
     return *why = "slots = " + std::to_string(slots) + " is outside 1.." + std::to_string(kMaxSlots), false;
-  uint64_t bytes, buf, metas, two, data, p1, meta_off, data_off, total;
+  if (grad_dtype != kGradF32 && grad_dtype != kGradBF16)
+    return *why = "grad_dtype = " + std::to_string(grad_dtype) + " is not a gradient type (0: fp32, 1: bf16)", false;
+  uint64_t bytes, buf, gbytes, slot, metas, two, data, p1, meta_off, data_off, total;
   const uint64_t header = round_up_small(sizeof(Header));
   bool bad = __builtin_mul_overflow(n, sizeof(float), &bytes) ||
              __builtin_add_overflow(bytes, kAlign - 1, &buf) ||
+             __builtin_mul_overflow(n, grad_bytes(grad_dtype), &gbytes) ||
+             __builtin_add_overflow(gbytes, kAlign - 1, &slot) ||
              __builtin_mul_overflow(slots, sizeof(SlotMeta), &metas) ||
              __builtin_add_overflow(metas, kAlign - 1, &metas);
   if (!bad) {
     buf = buf / kAlign * kAlign;
+    slot = slot / kAlign * kAlign;  // page-aligned slots: 64-byte aligned for the kernels
     metas = metas / kAlign * kAlign;
-    bad = __builtin_mul_overflow(buf, 2, &two) || __builtin_mul_overflow(buf, slots, &data) ||
+    bad = __builtin_mul_overflow(buf, 2, &two) || __builtin_mul_overflow(slot, slots, &data) ||
           __builtin_add_overflow(header, buf, &p1) || __builtin_add_overflow(header, two, &meta_off) ||
           __builtin_add_overflow(meta_off, metas, &data_off) ||
           __builtin_add_overflow(data_off, data, &total) ||
@@ -80,11 +87,12 @@ bool compute_layout(uint64_t n, uint64_t slots, Layout* out, std::string* why) {
                   " overflow a 64-bit segment size", false;
   out->n = n;
   out->slots = slots;
+  out->grad_dtype = grad_dtype;
   out->param_offset[0] = header;
   out->param_offset[1] = p1;
   out->slot_meta_offset = meta_off;
   out->slot_data_offset = data_off;
-  out->slot_stride = buf;
+  out->slot_stride = slot;
   out->total_bytes = total;
   return true;
 }
@@ -122,8 +130,9 @@ std::string space_message(const std::string& dir, const Layout& L, uint64_t free
   const std::string size = want_mib >= 1024 ? std::to_string((want_mib + 1023) / 1024) + "g"
                                             : std::to_string(want_mib) + "m";
   return "the shared region needs " + mib(L.total_bytes) + " (" + std::to_string(L.n) +
-         " fp32 parameters x (2 published buffers + " + std::to_string(L.slots) +
-         " gradient slots)) but " + dir + " has only " + mib(free_bytes) + " free (" +
+         " parameters x (2 fp32 published buffers + " + std::to_string(L.slots) + " " +
+         (L.grad_dtype == kGradBF16 ? "bf16" : "fp32") + " gradient slots)) but " + dir +
+         " has only " + mib(free_bytes) + " free (" +
          std::strerror(err) + "). Fix: give the container more shared memory (docker run "
          "--shm-size=" + size + "; Docker's default /dev/shm is 64 MiB), point PYASGD_SHM_DIR "
          "at a larger tmpfs, or train fewer parameters or use fewer slots (workers + global_accum).";
@@ -258,8 +267,8 @@ SlotMeta& Region::meta(int k) const {
 float* Region::param_ptr(int i) const {
   return reinterpret_cast<float*>(static_cast<char*>(map_->base) + lay_.param_offset[i]);
 }
-float* Region::slot_ptr(int k) const {
-  return reinterpret_cast<float*>(static_cast<char*>(map_->base) + lay_.slot_data_offset + k * lay_.slot_stride);
+char* Region::slot_ptr(int k) const {
+  return static_cast<char*>(map_->base) + lay_.slot_data_offset + k * lay_.slot_stride;
 }
 
 uint64_t Region::param_offset(int i) const {
@@ -280,12 +289,12 @@ uint32_t Region::slot_state(int k) const {
 
 bool Region::is_owner() const { return creator_pid_ != 0 && creator_pid_ == getpid(); }
 
-std::unique_ptr<Region> Region::create(uint64_t n, uint64_t slots) {
+std::unique_ptr<Region> Region::create(uint64_t n, uint64_t slots, uint32_t grad_dtype) {
   if (n == 0) throw std::invalid_argument("region needs at least one parameter (n >= 1)");
   if (slots == 0) throw std::invalid_argument("region needs at least one gradient slot (slots >= 1)");
   Layout L;
   std::string why;
-  if (!compute_layout(n, slots, &L, &why)) throw std::invalid_argument("cannot lay out the region: " + why);
+  if (!compute_layout(n, slots, grad_dtype, &L, &why)) throw std::invalid_argument("cannot lay out the region: " + why);
   sweep_stale();
 
   const std::string dir = shm_dir();
@@ -384,6 +393,7 @@ std::unique_ptr<Region> Region::create(uint64_t n, uint64_t slots) {
   h->slot_data_offset = L.slot_data_offset;
   h->slot_stride = L.slot_stride;
   h->total_bytes = L.total_bytes;
+  h->grad_dtype = L.grad_dtype;
   for (uint64_t k = 0; k < slots; ++k)
     new (static_cast<char*>(base) + L.slot_meta_offset + k * sizeof(SlotMeta)) SlotMeta();
   r->h_ = h;
@@ -416,7 +426,7 @@ std::unique_ptr<Region> Region::attach(const std::string& name) {
   auto map = std::make_shared<Mapping>(base, size);  // unmapped on any error below
 
   // Everything the region will ever index with comes from this check, made once: the header
-  // must be exactly the layout its own n and slots give, and that layout exactly the file.
+  // must be exactly the layout its own n, slots and grad_dtype give, and that layout exactly the file.
   Header* h = static_cast<Header*>(base);
   if (reinterpret_cast<std::atomic<uint64_t>*>(&h->magic)->load(std::memory_order_acquire) != kRegionMagic)
     throw std::invalid_argument(not_ours + " (wrong magic)");
@@ -425,16 +435,18 @@ std::unique_ptr<Region> Region::attach(const std::string& name) {
     throw std::invalid_argument(bad + "its header has layout " + std::to_string(h->layout_version) +
                                 " (made by another version of pyasgd?)");
   const uint64_t n = h->n, slots = h->slots, total = h->total_bytes;
+  const uint32_t grad_dtype = h->grad_dtype;
   if (total != size)
     throw std::invalid_argument(bad + "header field total_bytes = " + std::to_string(total) +
                                 " but the segment has " + std::to_string(size) + " bytes");
   Layout L;
   std::string why;
-  if (!compute_layout(n, slots, &L, &why)) throw std::invalid_argument(bad + "header field " + why);
+  if (!compute_layout(n, slots, grad_dtype, &L, &why)) throw std::invalid_argument(bad + "header field " + why);
   if (L.total_bytes != size)
-    throw std::invalid_argument(bad + "header fields n = " + std::to_string(n) + " and slots = " +
-                                std::to_string(slots) + " need " + std::to_string(L.total_bytes) +
-                                " bytes but the segment has " + std::to_string(size));
+    throw std::invalid_argument(bad + "header fields n = " + std::to_string(n) + ", slots = " +
+                                std::to_string(slots) + " and grad_dtype = " + std::to_string(grad_dtype) +
+                                " need " + std::to_string(L.total_bytes) + " bytes but the segment has " +
+                                std::to_string(size));
   const struct {
     const char* field;
     uint64_t got, want;
@@ -447,7 +459,8 @@ std::unique_ptr<Region> Region::attach(const std::string& name) {
     if (f.got != f.want)
       throw std::invalid_argument(bad + "header field " + f.field + " = " + std::to_string(f.got) +
                                   ", expected " + std::to_string(f.want) + " for n = " +
-                                  std::to_string(n) + ", slots = " + std::to_string(slots));
+                                  std::to_string(n) + ", slots = " + std::to_string(slots) +
+                                  ", grad_dtype = " + std::to_string(grad_dtype));
 
   std::unique_ptr<Region> r(new Region());
   r->name_ = bare;
@@ -502,6 +515,10 @@ void Region::close() {
 }
 
 // --- parameters --------------------------------------------------------------------------------
+
+int Region::front_index() const {
+  return static_cast<int>(h_->published.load(std::memory_order_acquire) & 1);
+}
 
 int Region::begin_write() {
   int back = static_cast<int>((h_->published.load(std::memory_order_acquire) & 1) ^ 1);
@@ -687,8 +704,10 @@ Ticket Region::push_cpu(const float* src, int worker, uint64_t version, uint64_t
                         double loss, uint64_t position, double timeout) {
   int k = claim(worker, timeout);
   float bound;
-  try {
-    bound = copy_absmax_cpu(slot_ptr(k), src, lay_.n);  // the copy measures the bound for free
+  try {  // the copy measures the bound for free (of the rounded values, in a bf16 region)
+    bound = lay_.grad_dtype == kGradBF16
+                ? copy_bf16_absmax_cpu(reinterpret_cast<uint16_t*>(slot_ptr(k)), src, lay_.n)
+                : copy_absmax_cpu(reinterpret_cast<float*>(slot_ptr(k)), src, lay_.n);
   } catch (...) {  // e.g. the thread pool could not start a thread: give the claim back
     abandon(k);
     throw;

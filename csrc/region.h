@@ -1,9 +1,12 @@
 // The shared region: one shared-memory segment per run (a file in /dev/shm, or PYASGD_SHM_DIR)
-// holding a header of atomics, the published parameters (two buffers, each behind its own
-// seqlock) and a ring of K gradient slots.
+// holding a header of atomics, the published parameters (two fp32 buffers, each behind its own
+// seqlock) and a ring of K gradient slots (fp32, or bf16: the region's gradient type, fixed at
+// create and checked on attach).
 //
 // Parameters: the server writes the buffer that is not published (begin_write/end_write) and
-// then flips the published word (version << 1 | buffer). A reader copies the published buffer
+// then flips the published word (version << 1 | buffer). Being the only writer, the server may
+// also read the published (front) buffer in place (front_index): a CPU server keeps no master
+// copy, it reads the front buffer and writes the new parameters straight into the back one. A reader copies the published buffer
 // and validates that buffer's sequence number afterwards: an odd or changed number means the
 // server started overwriting it (the reader fell a whole update behind) and the copy is retried.
 // A buffer's version stamp is written while its sequence is odd, so it is read under the same
@@ -43,11 +46,17 @@
 namespace pyasgd {
 
 constexpr uint64_t kRegionMagic = 0x3130445347534150ULL;  // "PASGSD01" little-endian
-constexpr uint32_t kLayoutVersion = 5;  // 4: one ownership word per slot, flock liveness; 5: position
+// 4: one ownership word per slot, flock liveness; 5: position; 6: the slots' gradient type
+constexpr uint32_t kLayoutVersion = 6;
 constexpr uint64_t kMaxSlots = 1 << 16;  // slot indices are ints; real rings hold tens
 constexpr uint64_t kInvalidVersion = ~0ULL;  // buf_version of a buffer holding a failed write
 
 enum SlotState : uint32_t { kFree = 0, kWriting = 1, kReady = 2, kReading = 3 };
+
+// What a gradient slot holds: fp32, or bf16 (pushers round to nearest even while copying in;
+// the server widens exactly and sums in fp32). Stored in the header as a uint32.
+enum GradDtype : uint32_t { kGradF32 = 0, kGradBF16 = 1 };
+constexpr uint64_t grad_bytes(uint32_t dtype) { return dtype == kGradBF16 ? 2 : 4; }
 
 // The ownership word: state in bits 0-7, generation (bumped by every claim) in bits 8-31,
 // pid of the pusher that claimed it in bits 32-63 (0 when FREE).
@@ -83,6 +92,7 @@ struct alignas(64) Header {
   uint64_t slot_data_offset;
   uint64_t slot_stride;  // bytes between slot buffers
   uint64_t total_bytes;
+  uint32_t grad_dtype;   // GradDtype of every slot
   alignas(64) std::atomic<uint64_t> published;  // version << 1 | buffer index
   alignas(64) std::atomic<uint64_t> buf_seq[2];  // seqlocks: odd while being written
   std::atomic<uint64_t> buf_version[2];          // version each buffer holds (kInvalidVersion)
@@ -99,10 +109,12 @@ struct alignas(64) Header {
   std::atomic<uint32_t> ack_sleepers;
 };
 
-// Where everything lies in the segment: computed from (n, slots) with overflow checks, by create()
-// to lay it out and by attach() to check the header against; each Region keeps its own copy.
+// Where everything lies in the segment: computed from (n, slots, grad_dtype) with overflow checks,
+// by create() to lay it out and by attach() to check the header against; each Region keeps its
+// own copy. Every buffer starts on a page (so 64-byte aligned for SIMD and streaming stores).
 struct Layout {
   uint64_t n = 0, slots = 0;
+  uint32_t grad_dtype = kGradF32;
   uint64_t param_offset[2] = {0, 0};
   uint64_t slot_meta_offset = 0, slot_data_offset = 0, slot_stride = 0, total_bytes = 0;
 };
@@ -150,7 +162,7 @@ struct Reclaimed {
 
 class Region {
  public:
-  static std::unique_ptr<Region> create(uint64_t n, uint64_t slots);
+  static std::unique_ptr<Region> create(uint64_t n, uint64_t slots, uint32_t grad_dtype = kGradF32);
   static std::unique_ptr<Region> attach(const std::string& name);
   // Unlinks pyasgd-* segments of this user whose owner's lock is free (owner dead); returns how many.
   static int sweep_stale();
@@ -160,6 +172,7 @@ class Region {
   const std::string& path() const { return path_; }  // the segment's file (PYASGD_SHM_DIR/name)
   uint64_t n() const { return lay_.n; }
   uint64_t slots() const { return lay_.slots; }
+  uint32_t grad_dtype() const { return lay_.grad_dtype; }
   bool is_owner() const;  // the creating process only (not a fork of it)
   void* base() const { return map_->base; }
   size_t size() const { return map_->size; }
@@ -174,6 +187,7 @@ class Region {
   void unlink();
 
   // Parameters (one writer: the server)
+  int front_index() const;           // the published buffer's index (the writer reads it in place)
   int begin_write();                 // the back buffer's index, now marked odd
   uint64_t end_write(bool publish);  // publish: version+1 now visible; else the buffer is invalid
   void read_begin(uint64_t* version, int* index, uint64_t* seq) const;
@@ -186,6 +200,7 @@ class Region {
   Ticket commit(int slot, uint64_t version, uint64_t tokens, double loss, float bound,
                 uint64_t position = 0);
   void abandon(int slot);
+  // Claim, copy src into the slot (rounded to bf16 in a bf16 region) measuring max |g|, commit.
   Ticket push_cpu(const float* src, int worker, uint64_t version, uint64_t tokens, double loss, uint64_t position,
                   double timeout);
   // Server: the gradients in `slots` are processed (in the accumulation, or in a published
@@ -203,7 +218,7 @@ class Region {
   void check_slot(int k, const char* what) const;
   SlotMeta& meta(int k) const;
   float* param_ptr(int i) const;
-  float* slot_ptr(int k) const;
+  char* slot_ptr(int k) const;
 
   std::string name_, path_;
   std::shared_ptr<Mapping> map_;

@@ -24,6 +24,8 @@ void bind_region(py::module_& m) {
   py::register_exception<pyasgd::TimeoutError>(m, "RegionTimeoutError", PyExc_TimeoutError);
   py::register_exception<pyasgd::ClosedError>(m, "RegionClosedError", PyExc_RuntimeError);
   py::register_exception<pyasgd::SpaceError>(m, "RegionSpaceError", PyExc_OSError);
+  m.attr("GRAD_F32") = static_cast<uint32_t>(pyasgd::kGradF32);
+  m.attr("GRAD_BF16") = static_cast<uint32_t>(pyasgd::kGradBF16);
   using nogil = py::call_guard<py::gil_scoped_release>;
 
   py::class_<pyasgd::Collected>(m, "Collected")
@@ -53,13 +55,15 @@ void bind_region(py::module_& m) {
       .def_readonly("acks", &pyasgd::Ticket::acks);
 
   py::class_<Region>(m, "Region")
-      .def_static("create", &Region::create, py::arg("n"), py::arg("slots"))
+      .def_static("create", &Region::create, py::arg("n"), py::arg("slots"),
+                  py::arg("grad_dtype") = static_cast<uint32_t>(pyasgd::kGradF32))
       .def_static("attach", &Region::attach, py::arg("name"))
       .def_static("sweep_stale", &Region::sweep_stale)
       .def_property_readonly("name", &Region::name)
       .def_property_readonly("path", &Region::path)
       .def_property_readonly("n", &Region::n)
       .def_property_readonly("slots", &Region::slots)
+      .def_property_readonly("grad_dtype", &Region::grad_dtype)  // 0: fp32, 1: bf16 slots
       .def_property_readonly("is_owner", &Region::is_owner)
       .def_property_readonly("version", &Region::version)
       .def_property_readonly("reclaimed", &Region::reclaimed)
@@ -72,6 +76,7 @@ void bind_region(py::module_& m) {
       .def("slot_state", &Region::slot_state)
       .def("close", &Region::close)
       .def("unlink", &Region::unlink)
+      .def("front_index", &Region::front_index)
       .def("begin_write", &Region::begin_write)
       .def("end_write", &Region::end_write, py::arg("publish"))
       .def("read_begin", [](const Region& r) {

@@ -25,6 +25,7 @@ SCHEDULES = ("inverse-sqrt", "constant")
 SIM_ORDERS = ("round-robin", "normal")
 PATIENCE_METRICS = ("", "loss", "bleu")
 AMP = ("none", "bf16")
+GRAD_DTYPES = ("fp32", "bf16")
 # Marks a setting that shapes the model or the data: a resumed run must keep it (see rundir.py).
 FIXED = {"resume": "fixed"}
 
@@ -59,11 +60,18 @@ class TrainConfig:
     devices: str = "cpu"
     """worker devices: cpu, or a comma list such as cuda:0,cuda:1 (assigned round-robin)."""
     server_device: str = "cpu"
-    """where the server keeps the master parameters and runs the fused update: cpu or cuda:I."""
+    """where the server runs the fused update: cpu (no master copy: it reads the published
+    parameters and writes the new ones into the shared region's back buffer) or cuda:I (master
+    parameters on that GPU, copied into the back buffer)."""
     amp: str = "none"
     """mixed precision in the workers: none (fp32) or bf16 (forward and backward under bf16
-    autocast, on CUDA and on CPUs that support it); gradients reach the server in fp32 and the
-    server keeps fp32 master parameters."""
+    autocast, on CUDA and on CPUs that support it); gradients reach the server as --grad-dtype
+    says and the parameters stay fp32."""
+    grad_dtype: str = "fp32"
+    """the gradients' type on their way to the server: fp32, or bf16 (each pusher rounds its
+    gradient to nearest even as it copies it into its slot; the server widens the values exactly
+    and sums them in fp32): half the bytes per push and per gradient the server reads, at the
+    cost of rounding every gradient to 8 significant bits. The simulator rounds the same way."""
     worker_slowdown: str = ""
     """RANK:FACTOR[,RANK:FACTOR...]: worker RANK sleeps (FACTOR - 1) times its compute time after
     each gradient, standing for a FACTOR-times slower accelerator (real processes; the simulator
@@ -230,6 +238,8 @@ class TrainConfig:
              "set at least one of --max-updates, --max-epochs, --max-time so the run ends")
         need(self.timeout > 0, "timeout", "must be > 0 seconds")
         need(self.amp in AMP, "amp", f"must be one of {', '.join(AMP)}, got {self.amp!r}")
+        need(self.grad_dtype in GRAD_DTYPES, "grad_dtype",
+             f"must be one of {', '.join(GRAD_DTYPES)}, got {self.grad_dtype!r}")
         need(self.sim_order in SIM_ORDERS, "sim_order", f"must be one of {', '.join(SIM_ORDERS)}")
         need(self.sim_time_std >= 0, "sim_time_std", "must be >= 0")
         need(self.sim_wps > 0, "sim_wps", f"must be > 0, got {self.sim_wps}")

@@ -2,13 +2,13 @@
 shared-memory segment (csrc/region.h has the protocol), as torch tensors. Segments live in
 /dev/shm, or in the tmpfs directory named by PYASGD_SHM_DIR.
 
-    region = SharedRegion.create(n=P, slots=N + G)           # launcher (owner)
+    region = SharedRegion.create(n=P, slots=N + G)           # launcher (owner); grad_dtype=bf16: 2-byte slots
     region = SharedRegion.attach(name)                       # worker / server (spawned)
     version = region.pull(params)                            # worker: consistent snapshot
     region.push(grad, version=version, tokens=T, worker=i)   # worker: lock-free slot claim
     batch = region.collect(G)                                # server: G earliest arrivals
-    back = region.begin_update()                             # server: the back buffer ...
-    ok = fused_adam_step(master, m, v, batch.grads, ..., out=back)  # ... written by the optimiser
+    front, back = region.front(), region.begin_update()      # server: the published and the back buffer
+    ok = fused_adam_step(front, m, v, batch.grads, ..., param_out=back)  # read one, write the other
     region.end_update(batch, publish=ok)                     # publish (or not), release the slots
 
 The region is a transport: it knows the slot layout and the publish protocol, never the update.
@@ -41,6 +41,9 @@ RegionTimeoutError = _C.RegionTimeoutError
 RegionClosedError = _C.RegionClosedError
 RegionSpaceError = _C.RegionSpaceError  # an OSError: the shm directory cannot hold the region
 FREE, WRITING, READY, READING = 0, 1, 2, 3
+# What the gradient slots may hold, and its code in the segment's header. bf16 halves the bytes a
+# push writes and the server reads; pushers round to nearest even while copying in.
+GRAD_DTYPES = {torch.float32: _C.GRAD_F32, torch.bfloat16: _C.GRAD_BF16}
 
 
 def default_slots(workers: int, global_accum: int) -> int:
@@ -53,7 +56,7 @@ def default_slots(workers: int, global_accum: int) -> int:
 class GradientBatch:
     """G collected gradients, in arrival order, with what the server needs to apply them."""
     slots: list[int]
-    grads: list[torch.Tensor]  # views of the slot buffers; valid until released
+    grads: list[torch.Tensor]  # views of the slot buffers (the region's grad_dtype); valid until released
     workers: list[int]
     versions: list[int]
     tokens: list[int]
@@ -105,9 +108,10 @@ class SharedRegion:
         self._h = handle
         mem = handle.memory()
         n = handle.n
+        self.grad_dtype = next(d for d, code in GRAD_DTYPES.items() if code == handle.grad_dtype)
         self.params = [torch.frombuffer(mem, dtype=torch.float32, count=n, offset=handle.param_offset(i))
                        for i in (0, 1)]
-        self.slot_buffers = [torch.frombuffer(mem, dtype=torch.float32, count=n, offset=handle.slot_offset(k))
+        self.slot_buffers = [torch.frombuffer(mem, dtype=self.grad_dtype, count=n, offset=handle.slot_offset(k))
                              for k in range(handle.slots)]
         self._pinned = False
         self._ticket = None
@@ -120,8 +124,10 @@ class SharedRegion:
     # -- lifetime -----------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, n: int, slots: int, *, pin: bool = False) -> SharedRegion:
-        """A new region for `n` fp32 parameters and `slots` gradient slots. Stale `pyasgd-*`
+    def create(cls, n: int, slots: int, *, pin: bool = False,
+               grad_dtype: torch.dtype = torch.float32) -> SharedRegion:
+        """A new region for `n` fp32 parameters and `slots` gradient slots of `grad_dtype`
+        (torch.float32, or torch.bfloat16: pushes are rounded to nearest even). Stale `pyasgd-*`
         segments whose owner died are removed first. All of the region's memory is reserved
         here: RegionSpaceError (an OSError saying how much is needed and free) when /dev/shm, or
         PYASGD_SHM_DIR, is too small."""
@@ -129,7 +135,9 @@ class SharedRegion:
             raise ValueError(f"n must be >= 1 (the number of fp32 parameters), got {n}")
         if int(slots) < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
-        return cls(_C.Region.create(int(n), int(slots)), pin=pin)
+        if grad_dtype not in GRAD_DTYPES:
+            raise ValueError(f"grad_dtype must be torch.float32 or torch.bfloat16, got {grad_dtype}")
+        return cls(_C.Region.create(int(n), int(slots), GRAD_DTYPES[grad_dtype]), pin=pin)
 
     @classmethod
     def attach(cls, name: str, *, pin: bool = False) -> SharedRegion:
@@ -228,9 +236,16 @@ class SharedRegion:
             self.end_update(None, publish=ok)
         return self.version
 
+    def front(self) -> torch.Tensor:
+        """Server (the only writer): the published buffer, i.e. the current parameters, as a view
+        read in place. It is the version `self.version` until end_update(publish=True) makes the
+        back buffer the front; nobody else may rely on it (readers pull(), which validates)."""
+        return self.params[self._handle().front_index()]
+
     def begin_update(self) -> torch.Tensor:
         """Server: start writing the next parameters; returns the back buffer to write them into
-        (readers keep pulling the published one meanwhile). Always pair with end_update()."""
+        (readers keep pulling the published one meanwhile). It holds an older version, or
+        nothing valid: write every element before publishing it. Always pair with end_update()."""
         return self.params[self._handle().begin_write()]
 
     def end_update(self, batch: GradientBatch | None, *, publish: bool) -> int:
@@ -265,7 +280,8 @@ class SharedRegion:
 
     def push(self, grad: torch.Tensor, *, version: int, tokens: int = 0, worker: int = -1,
              loss: float = 0.0, position: int = 0, timeout: float = 60.0) -> int:
-        """Claim a free slot (lock-free), copy `grad` in, mark it ready. Waits with backoff while
+        """Claim a free slot (lock-free), copy `grad` (fp32) in, rounded to bf16 in a bf16 region,
+        measuring max |g| (of the rounded values) on the way, and mark it ready. Waits with backoff while
         every slot is taken and raises RegionTimeoutError after `timeout` seconds. `position` (an
         int64 the region carries untouched: the pusher's data position after this gradient)
         reaches the server with it. Returns the push sequence number."""
@@ -285,22 +301,28 @@ class SharedRegion:
     def _push_cuda(self, grad: torch.Tensor, worker: int, version: int, tokens: int, loss: float, position: int,
                    timeout: float):
         """A CUDA gradient into a pinned slot. With pyasgd's CUDA build and a mapped region, one
-        kernel stores it straight into the slot (device -> host) and measures max |g| in the same
-        pass; otherwise torch measures the bound first and copies after. Either way the claim is
-        given back if anything fails between claim and commit, so no slot leaks."""
+        kernel stores it straight into the slot (device -> host; rounded to bf16 in a bf16
+        region) and measures max |g| in the same pass; otherwise torch rounds (bf16) and measures
+        the bound first and copies after. Either way the claim is given back if anything fails
+        between claim and commit, so no slot leaks."""
         h = self._handle()
+        bf16 = self.grad_dtype == torch.bfloat16
         fused = self._pinned and _ext.cuda_built()
         bound = math.nan
-        if not fused:
-            bound = float(grad.detach().abs().amax())  # before the claim: an error here holds nothing
+        src = grad.detach().reshape(-1)
+        if not fused:  # before the claim: an error here holds nothing
+            if bf16:
+                src = src.to(torch.bfloat16)  # nearest even, as the fused kernel rounds
+            bound = float(src.abs().amax())  # of what the slot will hold
         slot = h.claim(worker, timeout)
         try:
             if fused:
                 stream = torch.cuda.current_stream(grad.device)
-                bound = _C.cuda_copy_absmax(self.slot_buffers[slot].data_ptr(), grad.data_ptr(), h.n,
-                                            grad.device.index, stream.cuda_stream)  # synchronises
+                copy = _C.cuda_copy_bf16_absmax if bf16 else _C.cuda_copy_absmax
+                bound = copy(self.slot_buffers[slot].data_ptr(), grad.data_ptr(), h.n, grad.device.index,
+                             stream.cuda_stream)  # synchronises
             else:
-                self.slot_buffers[slot].copy_(grad.reshape(-1))  # device -> pinned host, synchronous
+                self.slot_buffers[slot].copy_(src)  # device -> pinned host, synchronous
         except BaseException:
             h.abandon(slot)
             raise

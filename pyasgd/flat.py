@@ -9,13 +9,16 @@ import torch
 from torch import nn
 
 
-def check_flat(name: str, t, n: int, *, device: torch.device | None = None, of: str = "param") -> None:
-    """Raise a clear error unless `t` is a contiguous fp32 tensor of `n` elements (on `device`
-    when given, else on a CPU or CUDA device). Nothing is copied: callers write into `t`."""
+def check_flat(name: str, t, n: int, *, device: torch.device | None = None, of: str = "param",
+               dtype: torch.dtype = torch.float32) -> None:
+    """Raise a clear error unless `t` is a contiguous tensor of `dtype` (fp32 unless told) with
+    `n` elements (on `device` when given, else on a CPU or CUDA device). Nothing is copied:
+    callers write into `t`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.float32:
-        raise TypeError(f"{name} must be float32, got {t.dtype}; pyasgd works on fp32 buffers")
+    if t.dtype != dtype:
+        why = "pyasgd works on fp32 buffers" if dtype == torch.float32 else f"expected {dtype} here"
+        raise TypeError(f"{name} must be {str(dtype).removeprefix('torch.')}, got {t.dtype}; {why}")
     if not t.is_contiguous():
         raise ValueError(f"{name} must be contiguous (it is used in place; pass a contiguous flat buffer)")
     if t.numel() != n:

@@ -84,7 +84,8 @@ class Launcher:
             flat.params.copy_(resume["server"]["params"])
             log.updates = self.last_checkpoint = int(resume["server"]["step"])
             log.restore(resume.get("progress"), clocks=False)
-        self.region = SharedRegion.create(flat.n, default_slots(c.workers, c.G), pin=self.eval_device.type == "cuda")
+        self.region = SharedRegion.create(flat.n, default_slots(c.workers, c.G), pin=self.eval_device.type == "cuda",
+                                          grad_dtype=torch.bfloat16 if c.grad_dtype == "bf16" else torch.float32)
         stopped_because, extra, summary, train_end = "", {}, None, None
         pbar = self._progress_bar()
         previous_term = None

@@ -37,17 +37,24 @@ def _as_grad_list(grads) -> list[torch.Tensor]:
     return grads
 
 
-def _check_args(param, exp_avg, exp_avg_sq, grads, out) -> list[torch.Tensor]:
-    if not isinstance(param, torch.Tensor):
-        raise TypeError(f"param must be a torch.Tensor, got {type(param).__name__}")
-    n, device = param.numel(), param.device
-    check_flat("param", param, n, device=device)
-    check_flat("exp_avg", exp_avg, n, device=device)
-    check_flat("exp_avg_sq", exp_avg_sq, n, device=device)
+# The gradients' types the kernels read: bf16 halves the bytes of each gradient, and is widened
+# to fp32 exactly before the (fp32) sum.
+GRAD_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _check_grads(grads, n: int, device: torch.device) -> list[torch.Tensor]:
     grads = _as_grad_list(grads)
     if not grads:
         raise ValueError("grads is empty: pass at least one gradient buffer (G >= 1)")
-    for i, g in enumerate(grads):
+    # (a non-tensor counts as float32 here: check_flat then says what is wrong with it)
+    dtypes = [g.dtype if isinstance(g, torch.Tensor) else torch.float32 for g in grads]
+    first = dtypes[0]
+    for i, (g, dtype) in enumerate(zip(grads, dtypes)):
+        if dtype not in GRAD_DTYPES:
+            raise TypeError(f"grads[{i}] must be float32 or bfloat16, got {dtype}")
+        if dtype != first:
+            raise ValueError(f"grads mix dtypes: grads[0] is {first} but grads[{i}] is {dtype}; "
+                             "pass all the gradients of a call as float32 or all as bfloat16")
         gdev = device
         if device.type == "cuda" and isinstance(g, torch.Tensor) and g.device.type == "cpu":
             if not g.is_pinned():
@@ -55,17 +62,41 @@ def _check_args(param, exp_avg, exp_avg_sq, grads, out) -> list[torch.Tensor]:
                     f"grads[{i}] is in pageable CPU memory but param is on {device}; "
                     "CPU gradient sources must be pinned (mapped) memory, or move them to the GPU")
             gdev = g.device
-        check_flat(f"grads[{i}]", g, n, device=gdev)
-    written = [("param", param), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
+        check_flat(f"grads[{i}]", g, n, device=gdev, dtype=dtype)
+    return grads
+
+
+def _check_args(param, exp_avg, exp_avg_sq, grads, out, param_out=None) -> list[torch.Tensor]:
+    if not isinstance(param, torch.Tensor):
+        raise TypeError(f"param must be a torch.Tensor, got {type(param).__name__}")
+    n, device = param.numel(), param.device
+    check_flat("param", param, n, device=device)
+    check_flat("exp_avg", exp_avg, n, device=device)
+    check_flat("exp_avg_sq", exp_avg_sq, n, device=device)
+    grads = _check_grads(grads, n, device)
+    # Every buffer but the gradients must be distinct memory: all of them are written, except
+    # param when param_out takes the new parameters (param is then read while they are written).
+    buffers = [("param", param)]
+    if param_out is not None:
+        if out is not None:
+            raise ValueError("pass out or param_out, not both: each receives the new parameters "
+                             "(copy param_out afterwards if a second copy is needed)")
+        check_flat("param_out", param_out, n, device=device)
+        buffers.append(("param_out", param_out))
+    buffers += [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
     if out is not None:
         # a GPU master may publish into host memory (the pinned back buffer): copied after
         host_out = isinstance(out, torch.Tensor) and out.device.type == "cpu"
         check_flat("out", out, n, device=out.device if host_out else device)
-        written.append(("out", out))
-    for i, (na, a) in enumerate(written):
-        for nb, b in written[i + 1:]:
+        buffers.append(("out", out))
+    for i, (na, a) in enumerate(buffers):
+        for nb, b in buffers[i + 1:]:
             if _overlap(a, b):
-                raise ValueError(f"{na} and {nb} share memory; each written buffer must be distinct")
+                hint = (" (leave param_out None to update param in place)" if {na, nb} == {"param", "param_out"}
+                        else "")
+                raise ValueError(f"{na} and {nb} share memory; each written buffer must be distinct{hint}")
+        if na == "param" and param_out is not None:
+            continue  # only read: it may share memory with a gradient
         for j, g in enumerate(grads):
             if _overlap(a, g):
                 raise ValueError(f"{na} aliases grads[{j}]; the gradients are read while {na} is written")
@@ -92,13 +123,17 @@ def _check_hyper(step, lr, beta1, beta2, eps, weight_decay) -> None:
 
 
 def adam_step_reference(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2, eps,
-                        weight_decay=0.0, decoupled=False, out=None) -> bool:
-    """Pure PyTorch, written as torch.optim.Adam's single-tensor path does it: the test oracle."""
-    g = grads[0].to(param.device, copy=True)
+                        weight_decay=0.0, decoupled=False, out=None, param_out=None) -> bool:
+    """Pure PyTorch, written as torch.optim.Adam's single-tensor path does it: the test oracle.
+    bf16 gradients are widened to fp32 (exactly) before the fp32 sum; with `param_out` the new
+    parameters go there and `param` is left as it was."""
+    g = grads[0].to(param.device, torch.float32, copy=True)
     for x in grads[1:]:
-        g.add_(x.to(param.device))  # fixed order, as the kernels sum
+        g.add_(x.to(param.device, torch.float32))  # fixed order, as the kernels sum
     if not bool(torch.isfinite(g).all()):
         return False
+    if param_out is not None:
+        param = param_out.copy_(param)  # then the same arithmetic, in place on param_out
     if weight_decay != 0 and not decoupled:
         g = g.add(param, alpha=weight_decay)
     if weight_decay != 0 and decoupled:
@@ -135,16 +170,23 @@ def _kernel_args(param, exp_avg, exp_avg_sq, grads, out, assume_finite=False):
             0 if out is None else out.data_ptr(), ws)
 
 
+def _kernel_kwargs(grads, param_out) -> dict:
+    return {"param_out": 0 if param_out is None else param_out.data_ptr(),
+            "bf16_grads": grads[0].dtype == torch.bfloat16}
+
+
 def adam_step_cpu(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2, eps,
-                  weight_decay=0.0, decoupled=False, out=None, assume_finite=False) -> bool:
+                  weight_decay=0.0, decoupled=False, out=None, param_out=None,
+                  assume_finite=False) -> bool:
     C = _ext.ext()
     return C.adam_step_cpu(*_kernel_args(param, exp_avg, exp_avg_sq, grads, out, assume_finite), int(step),
                            float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
-                           bool(decoupled), bool(assume_finite))
+                           bool(decoupled), bool(assume_finite), **_kernel_kwargs(grads, param_out))
 
 
 def adam_step_cuda(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2, eps,
-                   weight_decay=0.0, decoupled=False, out=None, assume_finite=False) -> bool:
+                   weight_decay=0.0, decoupled=False, out=None, param_out=None,
+                   assume_finite=False) -> bool:
     C = _ext.ext()
     if len(grads) > C.cuda_max_grads:
         raise ValueError(f"the CUDA kernel sums at most {C.cuda_max_grads} gradients per call, got {len(grads)}")
@@ -153,7 +195,8 @@ def adam_step_cuda(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2,
     return C.adam_step_cuda(*_kernel_args(param, exp_avg, exp_avg_sq, grads, out, assume_finite), int(step),
                             float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
                             bool(decoupled), device.index if device.index is not None else
-                            torch.cuda.current_device(), stream, bool(assume_finite))
+                            torch.cuda.current_device(), stream, bool(assume_finite),
+                            **_kernel_kwargs(grads, param_out))
 
 
 _IMPLS = {"reference": adam_step_reference, "cpu": adam_step_cpu, "cuda": adam_step_cuda}
@@ -216,19 +259,27 @@ def bounds_verdict(bounds, G: int) -> bool | None:
 
 
 def fused_adam_step(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2, eps,
-                    weight_decay=0.0, decoupled=False, out=None, backend="auto",
+                    weight_decay=0.0, decoupled=False, out=None, param_out=None, backend="auto",
                     grad_bounds=None) -> bool:
     """Sum the G gradients in `grads` (a sequence of flat tensors, or a G x P tensor) in order,
     apply one bias-corrected Adam step (L2 weight decay, or AdamW when `decoupled`) to `param`
     and its moments in place, and write the new parameters to `out` too when given (in the same
     pass; for a CUDA `param`, `out` may be host memory, then it is copied after the step).
 
-    Returns False, changing nothing, when a summed gradient element is not finite. Knowing that
-    takes a read of every gradient before the first write (a check pass), unless `grad_bounds`
-    (max |g| of each gradient, as the exchange's pushers measure it while copying) proves the sum
-    finite: then the update is a single pass over memory.
+    The gradients are all float32 or all bfloat16; bf16 values are widened to fp32 exactly and
+    summed in fp32, so the result is the fp32 update of the widened gradients.
+
+    With `param_out` the parameters are only read from `param` (left unchanged) and the new ones
+    written to `param_out` alone: a flat fp32 buffer of param's size on param's device, sharing
+    memory with no other buffer (the moments are still updated in place). It replaces `out`:
+    passing both is a ValueError.
+
+    Returns False, changing nothing (`param_out` included), when a summed gradient element is not
+    finite. Knowing that takes a read of every gradient before the first write (a check pass),
+    unless `grad_bounds` (max |g| of each gradient, as the exchange's pushers measure it while
+    copying) proves the sum finite: then the update is a single pass over memory.
     """
-    grads = _check_args(param, exp_avg, exp_avg_sq, grads, out)
+    grads = _check_args(param, exp_avg, exp_avg_sq, grads, out, param_out)
     _check_hyper(step, lr, beta1, beta2, eps, weight_decay)
     verdict = bounds_verdict(grad_bounds, len(grads))
     if verdict is False:
@@ -237,7 +288,8 @@ def fused_adam_step(param, exp_avg, exp_avg_sq, grads, *, step, lr, beta1, beta2
     kw = {"assume_finite": True} if verdict and name != "reference" else {}
     same = out is None or out.device == param.device  # else: out is host memory for a GPU master
     ok = _IMPLS[name](param, exp_avg, exp_avg_sq, grads, step=step, lr=lr, beta1=beta1, beta2=beta2,
-                      eps=eps, weight_decay=weight_decay, decoupled=decoupled, out=out if same else None, **kw)
+                      eps=eps, weight_decay=weight_decay, decoupled=decoupled, out=out if same else None,
+                      param_out=param_out, **kw)
     if ok and not same:
         out.copy_(param)
     return ok

@@ -1,6 +1,12 @@
-"""The server: master parameters, Adam moments and the learning-rate schedule, and one update
-from G collected gradients (stale policy, clipping, fused sum + Adam). `Updater` is shared by
-the real server process (`server_main`) and the simulator."""
+"""The server: Adam moments, the learning-rate schedule and one update from G collected gradients
+(stale policy, clipping, fused sum + Adam). `Updater` is shared by the real server process
+(`server_main`) and the simulator.
+
+Where the parameters live: a CPU server keeps no copy of its own. The region's published (front)
+buffer is the current parameters; an update reads it and writes the new ones straight into the
+back buffer (`fused_adam_step(..., param_out=back)`), which is then published. A CUDA server
+(--server-device cuda:I) keeps master parameters on its GPU and copies them into the back buffer,
+and so does the simulator (its published vector is not double-buffered)."""
 from __future__ import annotations
 
 import os
@@ -27,12 +33,28 @@ class UpdateResult:
 
 
 class Updater:
-    def __init__(self, config: TrainConfig, params: torch.Tensor, device: str = "cpu") -> None:
+    """The server's optimiser state and its update rule.
+
+    keep_master=True: `master` holds the parameters on `device`; apply() updates it in place and
+    copies the result into `out`. keep_master=False (CPU only): no parameters are kept (`master`
+    is None; `params` gives only the size); apply() reads them from `current` (the region's front
+    buffer) and writes the new ones into `out` (the back buffer) alone: by construction 4G + 24
+    bytes per parameter per update (2G + 24 with bf16 gradients) instead of 4G + 28, and 4 bytes
+    per parameter less memory."""
+
+    def __init__(self, config: TrainConfig, params: torch.Tensor, device: str = "cpu", *,
+                 keep_master: bool = True) -> None:
         self.config = config
         self.device = torch.device(device)
-        self.master = params.detach().to(self.device, dtype=torch.float32, copy=True).contiguous()
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        if keep_master:
+            self.master = params.detach().to(self.device, dtype=torch.float32, copy=True).contiguous()
+        else:
+            if self.device.type != "cpu":
+                raise ValueError(f"an Updater without a master copy writes the region's back buffer from the "
+                                 f"CPU; on {self.device} keep the master (keep_master=True)")
+            self.master = None
+        self.exp_avg = torch.zeros(params.numel(), dtype=torch.float32, device=self.device)
+        self.exp_avg_sq = torch.zeros_like(self.exp_avg)
         self.step = 0          # applied updates: the schedule's clock
         self.dropped = 0       # gradients discarded by drop:T
         self.skipped = 0       # updates skipped for a non-finite gradient
@@ -44,21 +66,29 @@ class Updater:
         return learning_rate(update, lr=c.lr, schedule=c.schedule, warmup=c.warmup)
 
     def apply(self, grads: list[torch.Tensor], staleness: list[int], out: torch.Tensor | None = None,
-              bounds: list[float] | None = None) -> UpdateResult:
-        """One server update from `grads` (which the server owns: scaling happens in place).
-        `out`, when given, receives the parameters to publish (the region's back buffer); publish
-        them when the result says so. `bounds` (max |g| per gradient, measured by the pushers)
-        let the fused update skip its check pass."""
-        res = self._apply(grads, staleness, out, bounds)
+              bounds: list[float] | None = None, *, current: torch.Tensor | None = None) -> UpdateResult:
+        """One server update from `grads` (fp32 or bf16, all alike; the server owns them: fp32
+        ones are scaled in place). `out`, when given, receives the parameters to publish (the
+        region's back buffer); publish them when the result says so. `bounds` (max |g| per
+        gradient, measured by the pushers) let the fused update skip its check pass.
+
+        Without a master copy, `current` (the published parameters, the region's front buffer)
+        is read and `out` is required: an applied update writes every element of it, a skipped
+        one nothing (it then holds an older version: never publish it as it is)."""
+        if self.master is None and (current is None or out is None):
+            raise ValueError("this Updater keeps no master copy: pass current= (the published parameters) "
+                             "and out= (the buffer that receives the new ones)")
+        params = self.master if self.master is not None else current
+        res = self._apply(grads, staleness, out, bounds, params)
         if not res.applied and self.config.mode == "sync":
             # Everyone waits at the barrier for the next version: publish the unchanged
             # parameters so they go on (a skipped or all-dropped update is still a round).
             res.publish = True
             if out is not None:
-                out.copy_(self.master)
+                out.copy_(params)
         return res
 
-    def _apply(self, grads, staleness, out, bounds) -> UpdateResult:
+    def _apply(self, grads, staleness, out, bounds, params) -> UpdateResult:
         c = self.config
         kept = list(range(len(grads)))
         if self.drop_after is not None:
@@ -70,38 +100,55 @@ class Updater:
             return UpdateResult(False, False, lr, dropped)
         use = [grads[i] for i in kept]
         use_bounds = [bounds[i] for i in kept] if bounds else None  # 1/staleness scaling keeps them valid
-        if c.stale_policy == "scale":
+        if c.stale_policy == "scale" and any(staleness[i] > 1 for i in kept):
+            if use[0].dtype != torch.float32:  # scaled in bf16 they would be rounded again: widen
+                use = [g.float() for g in use]
             for i, g in zip(kept, use):
                 if staleness[i] > 1:
                     g.mul_(1.0 / staleness[i])  # Zhang et al. 2016: weight by 1/staleness
         norm = None
         if c.clip_norm > 0:
             if self._sum is None:
-                self._sum = torch.empty_like(self.master)  # on the master's device
-            self._sum.copy_(use[0])
+                self._sum = torch.empty_like(self.exp_avg)  # fp32, on the server's device
+            self._sum.copy_(use[0])  # bf16 widens exactly, as in the kernel
             for g in use[1:]:
                 self._sum.add_(g.to(self._sum.device))  # the kernel's order: clipping only rescales
             norm = float(self._sum.norm())
             if norm > c.clip_norm:
                 self._sum.mul_(c.clip_norm / (norm + 1e-6))
             use, use_bounds = [self._sum], None
-        if self.master.device.type == "cuda":
-            use = [g if g.device == self.master.device or g.is_pinned() else g.to(self.master.device) for g in use]
-        ok = fused_adam_step(self.master, self.exp_avg, self.exp_avg_sq, use, step=self.step + 1, lr=lr,
+        if self.device.type == "cuda":
+            use = [g if g.device == self.device or g.is_pinned() else g.to(self.device) for g in use]
+        # With a master: in place, and copied to `out`. Without: read `params` (the published
+        # buffer), write only `out` (the back buffer); m and v in place either way.
+        where = {"out": out} if self.master is not None else {"param_out": out}
+        ok = fused_adam_step(params, self.exp_avg, self.exp_avg_sq, use, step=self.step + 1, lr=lr,
                              beta1=c.beta1, beta2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
-                             decoupled=c.decoupled, out=out, grad_bounds=use_bounds)
+                             decoupled=c.decoupled, grad_bounds=use_bounds, **where)
         if ok:
             self.step += 1
         else:
             self.skipped += 1
         return UpdateResult(ok, ok, lr, dropped, norm)
 
-    def state_dict(self) -> dict:
-        return {"params": self.master.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
+    def state_dict(self, current: torch.Tensor | None = None) -> dict:
+        """What a checkpoint keeps. Without a master copy the parameters are `current` (the
+        published buffer: copied, so the checkpoint does not hold a view of the region)."""
+        if self.master is None and current is None:
+            raise ValueError("this Updater keeps no master copy: pass current= (the published parameters)")
+        params = self.master.cpu() if self.master is not None else current.detach().clone()
+        return {"params": params, "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
                 "step": self.step, "dropped": self.dropped, "skipped": self.skipped}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.master.copy_(state["params"])
+    def load_state_dict(self, state: dict, current: torch.Tensor | None = None) -> None:
+        """Continue from a checkpoint. Without a master copy the parameters are not loaded here:
+        they are what was published (the launcher publishes the checkpoint's before the server
+        starts), and `current`, when given, must equal them."""
+        if self.master is not None:
+            self.master.copy_(state["params"])
+        elif current is not None and not torch.equal(current, state["params"].to(current.device)):
+            raise RuntimeError("the published parameters are not the checkpoint's: the server resumes from the "
+                               "parameters the launcher published, which must be the checkpoint's")
         self.exp_avg.copy_(state["exp_avg"])
         self.exp_avg_sq.copy_(state["exp_avg_sq"])
         self.step = int(state["step"])
@@ -152,15 +199,25 @@ def _serve(args: ServerArgs) -> None:
     segment = region.path
     q = args.queue
     try:
-        init = torch.empty(region.n)
-        region.pull(init)
-        up = Updater(config, init, config.server_device)
+        # A CPU server's parameters are the published ones (the front buffer, read in place); a
+        # CUDA server keeps a master copy on its GPU, starting from what the launcher published.
+        in_region = config.server_device == "cpu"
+        if in_region:
+            up = Updater(config, region.front(), keep_master=False)
+        else:
+            init = torch.empty(region.n)
+            region.pull(init)
+            up = Updater(config, init, config.server_device)
+
+        def current() -> torch.Tensor | None:
+            return region.front() if in_region else None
+
         resumed = {}
         if args.resume_state:
             from pyasgd import checkpoint
 
             resumed = checkpoint.load(args.resume_state)
-            up.load_state_dict(resumed["server"])
+            up.load_state_dict(resumed["server"], current=current())
         G, t0 = config.G, time.monotonic()
         # Gradients are taken one at a time (so each pusher learns at once that its gradient is in
         # the accumulation) and summed G at a time by the fused kernel straight from their slots.
@@ -179,7 +236,7 @@ def _serve(args: ServerArgs) -> None:
         def save() -> None:
             from pyasgd import checkpoint
 
-            checkpoint.save_atomic({"server": up.state_dict(), "version": region.version,
+            checkpoint.save_atomic({"server": up.state_dict(current=current()), "version": region.version,
                                     "positions": torch.tensor(positions, dtype=torch.int64),
                                     "progress": dict(progress),
                                     "config": repr(config)}, args.checkpoint_path)
@@ -204,9 +261,10 @@ def _serve(args: ServerArgs) -> None:
                 region.ack(taken)  # accumulated: its pusher may pull and go on
                 continue
             batch, held = SharedRegion.merge(held), []
+            front = current()  # read before begin_update: the front stays the front until published
             back, res = region.begin_update(), None
             try:
-                res = up.apply(batch.grads, batch.staleness, out=back, bounds=batch.bounds)
+                res = up.apply(batch.grads, batch.staleness, out=back, bounds=batch.bounds, current=front)
             finally:  # publish (or not), then release (ack) every slot of the batch
                 region.end_update(batch, publish=res is not None and res.publish)
             for w, pos in zip(batch.workers, batch.positions):

@@ -11,6 +11,12 @@ soon as their gradient is taken; synchronous workers all start when the round's 
 gradient has arrived. Update and validation records carry the virtual time ("vtime"), so
 time-to-BLEU means "with N such accelerators", deterministically, on any machine.
 
+With --grad-dtype bf16 each gradient is rounded to bf16 (nearest even, as the real pushers
+round) before the server sums it in fp32, so a simulated run shows what the rounding costs. The
+server's state is an `Updater` with a master copy, written into `published` after each update
+(the real CPU server has no master copy: it reads and writes the region's two buffers; the
+tests check both paths give the same parameters bit for bit).
+
 Same seed and config give bit-identical results, and a resumed run continues bit for bit.
 """
 from __future__ import annotations
@@ -125,6 +131,8 @@ class Simulation:
         self.flat.params.copy_(w.params)
         tokens, loss_sum, _ = local_gradient(self.task, self.flat, iter(w.work), self.config.local_accum,
                                              amp=self.config.amp)
+        if self.config.grad_dtype == "bf16":  # what a real pusher's slot would hold
+            return self.flat.grads.to(torch.bfloat16), tokens, loss_sum
         return self.flat.grads.clone(), tokens, loss_sum
 
     def pull_if_due(self, i: int) -> None:

@@ -27,6 +27,32 @@ def expected_total(workers, pushes, n):
     return total
 
 
+def seeded_grad(worker, i, n):
+    """Push i of `worker`: normal values at a scale that varies by push (most not bf16 values)."""
+    g = torch.Generator().manual_seed(worker * 100_003 + i)
+    return torch.randn(n, generator=g) * 10.0 ** (i % 5 - 2)
+
+
+def seeded_writer(name, worker, pushes, n):
+    """Pushes seeded_grad(worker, i, n) for i < pushes, with i as the position."""
+    from pyasgd.exchange import SharedRegion
+
+    region = SharedRegion.attach(name)
+    for i in range(pushes):
+        region.push(seeded_grad(worker, i, n), version=0, tokens=1, worker=worker, position=i, timeout=60)
+    region.close()
+
+
+def push_tensors(name, grads):
+    """Pushes the given gradients, in order (worker i for the i-th)."""
+    from pyasgd.exchange import SharedRegion
+
+    region = SharedRegion.attach(name)
+    for i, g in enumerate(grads):
+        region.push(g, version=0, worker=i, timeout=60)
+    region.close()
+
+
 def reader(name, until_version, q, started):
     """Pulls continuously; reports (pulls, distinct versions, problems) where a problem is a torn
     or backward pull."""
@@ -183,7 +209,7 @@ HEADER_FIELDS = {
     "magic": (0, "<Q"), "layout_version": (8, "<I"), "owner_pid": (12, "<i"), "n": (16, "<Q"),
     "slots": (24, "<Q"), "param_offset[0]": (32, "<Q"), "param_offset[1]": (40, "<Q"),
     "slot_meta_offset": (48, "<Q"), "slot_data_offset": (56, "<Q"), "slot_stride": (64, "<Q"),
-    "total_bytes": (72, "<Q"),
+    "total_bytes": (72, "<Q"), "grad_dtype": (80, "<I"),
 }
 REGION_MAGIC = 0x3130445347534150
 

@@ -1,4 +1,6 @@
-"""The shared region under real concurrency: spawned processes pushing, pulling and dying."""
+"""The shared region under real concurrency: spawned processes pushing (fp32 or bf16 slots),
+pulling and dying; the server's update from the front buffer into the back one."""
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -12,8 +14,10 @@ import pytest
 import torch
 
 import mp_helpers
+from pyasgd.config import TrainConfig
 from pyasgd.exchange import (READY, SharedRegion, RegionClosedError, RegionTimeoutError,
                              default_slots)
+from pyasgd.optim import adam_step_reference, bounds_verdict, fused_adam_step
 
 CTX = mp.get_context("spawn")
 
@@ -26,6 +30,17 @@ def server_step(region, batch, master, m, v, **adam):
     back, ok = region.begin_update(), False
     try:
         ok = fused_adam_step(master, m, v, batch.grads, out=back, grad_bounds=batch.bounds, **adam)
+    finally:
+        region.end_update(batch, publish=ok)
+    return ok
+
+
+def server_step_in_region(region, batch, m, v, **adam):
+    """The CPU server's update: no master copy; the parameters are read from the published
+    (front) buffer and the new ones written straight into the back buffer."""
+    front, back, ok = region.front(), region.begin_update(), False
+    try:
+        ok = fused_adam_step(front, m, v, batch.grads, param_out=back, grad_bounds=batch.bounds, **adam)
     finally:
         region.end_update(batch, publish=ok)
     return ok
@@ -239,6 +254,109 @@ def test_update_with_non_finite_gradient_publishes_nothing():
         assert region.pull(dst) == v0 and torch.equal(dst, torch.ones(n))
 
 
+@pytest.mark.parametrize("G", [1, 3])
+def test_bf16_slots_carry_rounded_gradients_and_the_update_is_the_fp32_one_on_them(G):
+    """Real pushers round into bf16 slots (measuring the bound on the way); the server updates
+    from the front buffer into the back one, and gets, bit for bit, the fp32 master-copy update
+    on [g.to(bfloat16).float()] in arrival order."""
+    workers, pushes, n = 3, 8, 100_003
+    with SharedRegion.create(n, default_slots(workers, G), grad_dtype=torch.bfloat16) as region:
+        assert region.grad_dtype == torch.bfloat16
+        assert all(b.dtype == torch.bfloat16 and b.data_ptr() % 64 == 0 for b in region.slot_buffers)
+        p = torch.randn(n)
+        v0 = region.publish(p)
+        m, v = torch.zeros(n), torch.zeros(n)
+        ref = [p.clone(), torch.zeros(n), torch.zeros(n)]  # the master-copy path, on widened fp32
+        oracle = [p.clone(), torch.zeros(n), torch.zeros(n)]  # pure PyTorch
+        procs = [CTX.Process(target=mp_helpers.seeded_writer, args=(region.name, w, pushes, n))
+                 for w in range(workers)]
+        for proc in procs:
+            proc.start()
+        done, step = 0, 0
+        try:
+            while done < workers * pushes:
+                batch = region.collect(min(G, workers * pushes - done), timeout=120)
+                want = [mp_helpers.seeded_grad(w, i, n).to(torch.bfloat16)
+                        for w, i in zip(batch.workers, batch.positions)]
+                for got, exp, bound in zip(batch.grads, want, batch.bounds):
+                    assert torch.equal(got.view(torch.int16), exp.view(torch.int16))  # nearest even, bit for bit
+                    assert bound == float(exp.float().abs().max())  # of the rounded values
+                assert bounds_verdict(batch.bounds, len(want)) is True  # they prove the sum finite
+                total, expected = torch.zeros(n), torch.zeros(n)
+                for got, exp in zip(batch.grads, want):
+                    total += got.float()
+                    expected += exp.float()
+                assert torch.equal(total, expected)
+                step += 1
+                adam = dict(step=step, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
+                assert server_step_in_region(region, batch, m, v, **adam)
+                assert fused_adam_step(*ref, [w.float() for w in want], **adam)  # in place, two passes
+                assert adam_step_reference(*oracle, [w.float() for w in want], **adam)
+                front = region.front()
+                assert torch.equal(front, ref[0]) and torch.equal(m, ref[1]) and torch.equal(v, ref[2])
+                torch.testing.assert_close(front, oracle[0], rtol=1e-5, atol=1e-6)  # within fp32 rounding
+                done += len(batch.slots)
+        finally:
+            for proc in procs:
+                proc.join(60)
+        assert [proc.exitcode for proc in procs] == [0] * workers
+        assert region.version == v0 + step
+        dst = torch.empty(n)
+        assert region.pull(dst) == v0 + step and torch.equal(dst, ref[0])
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf"), 3.4e38], ids=["nan", "-inf", "rounds-to-inf"])
+def test_a_non_finite_gradient_in_a_bf16_slot_skips_the_update(mode, bad):
+    """3.4e38 is finite in fp32 but rounds to inf in bf16: the pusher's bound says so, and the
+    server's update (no master copy) is skipped, in sync mode still published unchanged."""
+    from pyasgd.server import Updater
+
+    n = 1000
+    c = TrainConfig(task="synthetic", workers=2, mode=mode, quiet=True, max_updates=1)
+    with SharedRegion.create(n, 3, grad_dtype=torch.bfloat16) as region:
+        p = torch.randn(n)
+        v0 = region.publish(p)
+        good, poisoned = torch.randn(n), torch.randn(n)
+        poisoned[n - 1] = bad  # in the kernels' scalar tail
+        pusher = CTX.Process(target=mp_helpers.push_tensors, args=(region.name, [good, poisoned]))
+        pusher.start()
+        pusher.join(120)
+        assert pusher.exitcode == 0
+        batch = region.collect(2, timeout=10)
+        assert batch.bounds[0] == float(good.to(torch.bfloat16).float().abs().max()) and batch.bounds[1] == math.inf
+        assert bounds_verdict(batch.bounds, 2) is False
+        up = Updater(c, region.front(), keep_master=False)
+        front, back, res = region.front(), region.begin_update(), None
+        try:
+            res = up.apply(batch.grads, batch.staleness, out=back, bounds=batch.bounds, current=front)
+        finally:
+            region.end_update(batch, publish=res is not None and res.publish)
+        assert not res.applied and up.skipped == 1 and up.step == 0
+        assert torch.equal(up.exp_avg, torch.zeros(n))
+        dst = torch.empty(n)
+        assert region.pull(dst) == v0 + (mode == "sync") and torch.equal(dst, p)
+        assert res.publish == (mode == "sync")
+        assert all(region.slot_state(k) == 0 for k in range(3))  # released either way
+
+
+def test_bf16_slots_halve_the_gradient_bytes_and_attach_checks_their_type():
+    n, slots = 100_000, 3
+    with SharedRegion.create(n, slots) as fp32, SharedRegion.create(n, slots, grad_dtype=torch.bfloat16) as bf16:
+        page = lambda b: -(-b // 4096) * 4096  # every buffer starts on a page
+        assert fp32._handle().size - bf16._handle().size == slots * (page(4 * n) - page(2 * n))
+        assert mp_helpers.read_header(bf16.path, "layout_version") == 6
+        assert mp_helpers.read_header(bf16.path, "grad_dtype") == 1
+        again = SharedRegion.attach(bf16.name)
+        assert again.grad_dtype == torch.bfloat16 and again.slot_buffers[0].numel() == n
+        again.close()
+        mp_helpers.poke_header(bf16.path, "grad_dtype", 0)  # says fp32 for a segment laid out for bf16
+        with pytest.raises(ValueError, match=r"grad_dtype = 0 need \d+ bytes but the segment has"):
+            SharedRegion.attach(bf16.name)
+    with pytest.raises(ValueError, match="grad_dtype must be torch.float32 or torch.bfloat16"):
+        SharedRegion.create(10, 1, grad_dtype=torch.float16)
+
+
 @pytest.mark.parametrize("bad,exc,msg", [
     (lambda: torch.zeros(9), ValueError, "9 elements"),
     (lambda: torch.zeros(10, dtype=torch.float64), TypeError, "float32"),
@@ -326,3 +444,30 @@ def test_cuda_push_copies_exactly_measures_the_bound_and_never_leaks_a_slot(monk
         with pytest.raises(RuntimeError, match="copy failed"):
             region.push(g, version=0)
         assert [region.slot_state(k) for k in range(2)] == [0, 0]  # the claim was given back
+
+
+@pytest.mark.cuda
+def test_cuda_push_into_bf16_slots_rounds_to_nearest_even_and_bounds_the_rounded_values(monkeypatch):
+    """Both GPU pushes into a bf16 region, the fused kernel and torch's fallback, store what
+    g.to(bfloat16) holds and bound it (3.4e38, finite in fp32, rounds to inf and says so)."""
+    from pyasgd import exchange
+
+    n = 1_000_003
+    g = torch.randn(n, device="cuda") * 1e3
+    with SharedRegion.create(n, 2, pin=True, grad_dtype=torch.bfloat16) as region:
+        for fused in (True, False):
+            if not fused:  # the push torch does where pyasgd's CUDA part is missing
+                monkeypatch.setattr(exchange._ext, "cuda_built", lambda: False)
+            region.push(g, version=0)
+            batch = region.collect(1)
+            want = g.to(torch.bfloat16).cpu()
+            assert torch.equal(batch.grads[0].view(torch.int16), want.view(torch.int16)), fused
+            assert batch.bounds[0] == float(want.float().abs().max()), fused
+            region.release(batch)
+            big = g.clone()
+            big[n - 1] = 3.4e38
+            region.push(big, version=0)
+            batch = region.collect(1)
+            assert batch.bounds[0] == math.inf, fused
+            region.release(batch)
+        monkeypatch.undo()  # the region unregisters its pinned memory the way it registered it

@@ -306,3 +306,227 @@ def test_bounds_too_large_or_unknown_fall_back_to_the_check_pass():
     assert torch.equal(p, before)
     with pytest.raises(ValueError, match="grad_bounds has 1 entries for 2 gradients"):
         fused_adam_step(p, m, v, overflow, step=1, grad_bounds=[1.0], **HYPER)
+
+
+# --- param_out: read param, write the new parameters only to param_out (the server's front ->
+# back buffer, with no master copy) --------------------------------------------------------------
+
+DECAYS = {"none": dict(weight_decay=0.0), "l2": dict(weight_decay=0.05),
+          "decoupled": dict(weight_decay=0.05, decoupled=True)}
+
+
+def _offset_buffer(n, device, offset, fill=float("nan")):
+    """n floats starting `offset` elements into a fresh buffer: offset 1 is misaligned, so the
+    kernel stores with plain (not streaming) stores."""
+    return torch.full((n + offset,), fill, device=device)[offset:]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,offset", [(7, 0), (1023, 1), (2**20 + 3, 0), (2**20 + 3, 1)])
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("bounds", [False, True])
+@pytest.mark.parametrize("decay", sorted(DECAYS))
+def test_param_out_equals_the_in_place_update(device, n, offset, G, bounds, decay):
+    """Three steps flipping between two buffers as the server does (read the published one,
+    write the other): every new parameter equals the in-place update's bit for bit, and the
+    buffer read is never written."""
+    hyper = dict(HYPER, **DECAYS[decay])
+    p, m, v = make_state(n, device)                     # in place: the oracle
+    front = p.clone()
+    back = _offset_buffer(n, device, offset)
+    m2, v2 = m.clone(), v.clone()
+    gen = torch.Generator().manual_seed(5)
+    for step in (1, 2, 3):
+        grads = [torch.randn(n, generator=gen).to(device) for _ in range(G)]
+        kw = dict(grad_bounds=[g.abs().max().item() for g in grads]) if bounds else {}
+        read_before = front.clone()
+        assert fused_adam_step(p, m, v, grads, step=step, **kw, **hyper)
+        assert fused_adam_step(front, m2, v2, grads, step=step, param_out=back, **kw, **hyper)
+        assert torch.equal(front, read_before)          # param is only read
+        assert torch.equal(back, p) and torch.equal(m2, m) and torch.equal(v2, v)
+        front, back = back, front                       # publish: the next step reads it
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("G", [1, 2, 4])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("bounds", ["none", "measured", "unknown"])
+def test_param_out_non_finite_writes_nothing(device, G, bad, bounds):
+    n = 2**20 + 3
+    p, m, v = make_state(n, device)
+    m.fill_(0.25)
+    v.fill_(0.5)
+    param_out = torch.full((n,), 7.0, device=device)
+    grads = [torch.randn(n, device=device) for _ in range(G)]
+    grads[G // 2][n - 2] = bad
+    kw = {"none": {}, "measured": dict(grad_bounds=[g.abs().max().item() for g in grads]),
+          "unknown": dict(grad_bounds=[-1.0] * G)}[bounds]
+    before = [t.clone() for t in (p, m, v, param_out)]
+    assert fused_adam_step(p, m, v, grads, step=2, param_out=param_out, **kw, **HYPER) is False
+    for x, y in zip((p, m, v, param_out), before):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("case", ["is_param", "overlaps_param", "aliases_grad", "is_exp_avg", "length",
+                                  "dtype", "noncontig", "with_out"])
+def test_param_out_bad_arguments_raise_before_writing(case):
+    n = 10
+    buf = torch.randn(3 * n)
+    p, m, v = buf[:n], torch.zeros(n), torch.zeros(n)
+    grads = [torch.randn(n), torch.randn(n)]
+    kw = {}
+    param_out, exc, msg = {
+        "is_param": (p, ValueError, "param and param_out share memory"),
+        "overlaps_param": (buf[n // 2:n // 2 + n], ValueError, "param and param_out share memory"),
+        "aliases_grad": (grads[1], ValueError, r"param_out aliases grads\[1\]"),
+        "is_exp_avg": (m, ValueError, "param_out and exp_avg share memory"),
+        "length": (torch.zeros(n - 1), ValueError, "param_out has 9 elements but param has 10"),
+        "dtype": (torch.zeros(n, dtype=torch.float64), TypeError, "param_out must be float32"),
+        "noncontig": (torch.zeros(2 * n)[::2], ValueError, "param_out must be contiguous"),
+        "with_out": (torch.zeros(n), ValueError, "out or param_out, not both"),
+    }[case]
+    if case == "with_out":
+        kw["out"] = torch.zeros(n)
+    snapshot = [t.clone() for t in (buf, m, v, param_out, *grads)]
+    with pytest.raises(exc, match=msg):
+        fused_adam_step(p, m, v, grads, step=1, param_out=param_out, **kw, **HYPER)
+    for x, y in zip((buf, m, v, param_out, *grads), snapshot):
+        assert torch.equal(x, y)
+
+
+def test_param_out_may_share_memory_with_a_gradient_it_does_not_write():
+    """param is only read when param_out is given: a gradient overlapping it is harmless."""
+    n = 100
+    p, m, v = make_state(n, "cpu")
+    g = p.clone()
+    param_out = torch.empty(n)
+    assert fused_adam_step(p, m, v, [p], step=1, param_out=param_out, **HYPER)
+    q, m2, v2 = make_state(n, "cpu")
+    assert fused_adam_step(q, m2, v2, [g], step=1, **HYPER)
+    assert torch.equal(param_out, q)
+
+
+# --- bf16 gradients: half the bytes per gradient, widened exactly and summed in fp32 ----------------
+
+def _bf16_grads(G, n, device, seed=7):
+    gen = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-3, 3, G)  # order-sensitive sums
+    return [(torch.randn(n, generator=gen) * s).to(torch.bfloat16).to(device) for s in scale]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [1, 22, 1023, 2**20 + 3])
+@pytest.mark.parametrize("G", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("bounds", [False, True])
+def test_bf16_grads_equal_the_update_from_their_widened_values(device, n, G, bounds):
+    """bf16 gradients give, bit for bit, the fp32 update of the same values widened (bits << 16),
+    on the check pass (G >= 3: the presum workspace) and on the one-pass path; and agree with
+    the reference given the bf16 gradients themselves."""
+    a, b, c = make_state(n, device), make_state(n, device), make_state(n, device)
+    for step in (1, 2):
+        gb = _bf16_grads(G, n, device, seed=step)
+        gw = [g.float() for g in gb]
+        assert all(torch.equal(w.view(torch.int32), g.view(torch.int16).to(torch.int32) << 16)
+                   for w, g in zip(gw, gb))  # the widening the kernels must do
+        kw = dict(grad_bounds=[g.abs().max().item() for g in gb]) if bounds else {}
+        assert fused_adam_step(*a, gb, step=step, weight_decay=0.05, **kw, **HYPER)
+        assert fused_adam_step(*b, gw, step=step, weight_decay=0.05, **kw, **HYPER)
+        assert adam_step_reference(*c, gb, step=step, weight_decay=0.05, **HYPER)
+    for x, y, z in zip(a, b, c):
+        assert torch.equal(x, y)
+        assert rel_err(x, z) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("G", [1, 2, 3, 5])
+@pytest.mark.parametrize("bad", [0x7FC0, 0xFFC1, 0x7F80, 0xFF80])  # NaN, -NaN, inf, -inf (bits)
+@pytest.mark.parametrize("where", ["start", "middle", "tail"])
+def test_bf16_non_finite_changes_nothing(device, G, bad, where):
+    n = 2**20 + 3
+    p, m, v = make_state(n, device)
+    param_out = torch.full((n,), 7.0, device=device)
+    grads = _bf16_grads(G, n, device)
+    idx = {"start": 0, "middle": n // 2, "tail": n - 1}[where]
+    grads[-1].view(torch.int16)[idx] = bad - 0x10000 if bad >= 0x8000 else bad
+    before = [t.clone() for t in (p, m, v, param_out)]
+    assert fused_adam_step(p, m, v, grads, step=4, **HYPER) is False
+    assert fused_adam_step(p, m, v, grads, step=4, param_out=param_out, **HYPER) is False
+    for x, y in zip((p, m, v, param_out), before):
+        assert torch.equal(x, y)
+
+
+def test_bf16_copy_bounds_prove_the_sum_finite_and_the_update_is_one_pass(monkeypatch):
+    """The pusher's bf16 copy measures max |rounded g|; those bounds prove the sum finite, so the
+    kernel is called with assume_finite (no check pass) and gives the checked call's result. A
+    finite fp32 value that rounds to inf in bf16 gives an inf bound: the update is skipped."""
+    import pyasgd._C as C
+    import pyasgd.optim as optim
+
+    n, G = 4099, 4
+    gen = torch.Generator().manual_seed(11)
+    srcs = [torch.randn(n, generator=gen) * 1e3 for _ in range(G)]
+    slots = [torch.empty(n, dtype=torch.bfloat16) for _ in range(G)]
+    bounds = [C.copy_bf16_absmax_cpu(d.data_ptr(), s.data_ptr(), n) for d, s in zip(slots, srcs)]
+    assert bounds == [d.float().abs().max().item() for d in slots]
+    assert optim.bounds_verdict(bounds, G) is True and sum(bounds) < optim.SAFE_BOUND_SUM
+    calls = []
+    cpu_step = optim._IMPLS["cpu"]
+    monkeypatch.setitem(optim._IMPLS, "cpu", lambda *a, **kw: calls.append(kw) or cpu_step(*a, **kw))
+    a, b = make_state(n, "cpu"), make_state(n, "cpu")
+    assert fused_adam_step(*a, slots, step=1, grad_bounds=bounds, backend="cpu", **HYPER)
+    assert fused_adam_step(*b, slots, step=1, backend="cpu", **HYPER)
+    assert [kw.get("assume_finite", False) for kw in calls] == [True, False]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+    srcs[2][5] = 3.4e38  # finite in fp32, inf once rounded to bf16
+    assert C.copy_bf16_absmax_cpu(slots[2].data_ptr(), srcs[2].data_ptr(), n) == float("inf")
+    assert slots[2][5].item() == float("inf")
+    before = [t.clone() for t in a]
+    assert fused_adam_step(*a, slots, step=2, grad_bounds=[1.0, 1.0, float("inf"), 1.0], **HYPER) is False
+    assert fused_adam_step(*a, slots, step=2, **HYPER) is False  # and the check pass agrees
+    assert all(torch.equal(x, y) for x, y in zip(a, before))
+
+
+def test_bf16_grads_as_a_g_by_p_tensor():
+    n, G = 1023, 3
+    grads = torch.stack(_bf16_grads(G, n, "cpu"))
+    a, b = make_state(n, "cpu"), make_state(n, "cpu")
+    assert fused_adam_step(*a, grads, step=1, **HYPER)
+    assert fused_adam_step(*b, list(grads.float()), step=1, **HYPER)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("grads,exc,msg", [
+    (lambda n: [torch.randn(n), torch.randn(n).to(torch.bfloat16)], ValueError,
+     r"grads mix dtypes: grads\[0\] is torch.float32 but grads\[1\] is torch.bfloat16"),
+    (lambda n: [torch.randn(n).to(torch.bfloat16), torch.randn(n).to(torch.bfloat16), torch.randn(n)],
+     ValueError, r"grads\[2\] is torch.float32"),
+    (lambda n: [torch.randn(n).half()], TypeError, r"grads\[0\] must be float32 or bfloat16, got torch.float16"),
+    (lambda n: [torch.randn(n - 1).to(torch.bfloat16)], ValueError, r"grads\[0\] has 9 elements"),
+    (lambda n: [torch.randn(2 * n).to(torch.bfloat16)[::2]], ValueError, r"grads\[0\] must be contiguous"),
+])
+def test_bf16_grads_bad_arguments_raise(grads, exc, msg):
+    p, m, v = make_state(10, "cpu")
+    before = [t.clone() for t in (p, m, v)]
+    with pytest.raises(exc, match=msg):
+        fused_adam_step(p, m, v, grads(10), step=1, **HYPER)
+    assert all(torch.equal(x, y) for x, y in zip((p, m, v), before))
+
+
+def test_reference_param_out_and_bf16_grads():
+    """The oracle's own two features: param_out is its in-place update written elsewhere, bf16
+    gradients are their widened values, and a skipped step writes nothing."""
+    n = 1023
+    gb = _bf16_grads(3, n, "cpu")
+    a, b = make_state(n, "cpu"), make_state(n, "cpu")
+    p0 = a[0].clone()
+    param_out = torch.full((n,), 7.0)
+    kw = dict(step=2, weight_decay=0.1, decoupled=True, **HYPER)
+    assert adam_step_reference(*a, gb, param_out=param_out, **kw)
+    assert adam_step_reference(*b, [g.float() for g in gb], **kw)
+    assert torch.equal(a[0], p0) and torch.equal(param_out, b[0])
+    assert torch.equal(a[1], b[1]) and torch.equal(a[2], b[2])
+    gb[1][4] = float("nan")
+    kept = param_out.clone()
+    assert adam_step_reference(*a, gb, param_out=param_out, **kw) is False
+    assert torch.equal(param_out, kept)

@@ -1,6 +1,7 @@
-"""The C++/CUDA kernels below the Python layer: the per-ISA table, the Adam arithmetic bit for bit,
-portability of the CPU sources (no x86 code outside the ISA files; an aarch64 cross compile), and
-the CUDA push copy and persistent check flag (on a GPU)."""
+"""The C++/CUDA kernels below the Python layer: the per-ISA table, the Adam arithmetic bit for bit
+(fp32 and bf16 gradients, in place and into param_out), the pushers' bf16 copy, portability of
+the CPU sources (no x86 code outside the ISA files; an aarch64 cross compile), and the CUDA push
+copies and persistent check flag (on a GPU)."""
 import os
 import platform
 import re
@@ -82,6 +83,23 @@ for assume_finite in (False, True):
     assert torch.equal(m, T(m_hat)) and torch.equal(vv, T(v)), assume_finite
     assert torch.equal(p, T(want)), (assume_finite, (p != T(want)).sum().item())
     assert torch.equal(out, T(want))
+# bf16 gradients (the oracle on their widened values) into param_out, aligned (streaming stores)
+# and not: param is only read.
+gb = T(g).to(torch.bfloat16)
+gw = gb.float().numpy()
+m_hat_b, v_b = f(1.0 - b1) * gw, (f(1.0 - b2) * gw) * gw
+want_b = p0 + (f(-lr / (1.0 - b1 ** step)) * m_hat_b) / (np.sqrt(v_b) / bc2 + f(eps))
+assert (gw != g).any() and (want_b != want).any(), "bf16 rounding changed nothing: other data"
+for assume_finite in (False, True):
+    for offset in (0, 1):
+        p, m, vv = T(p0.copy()), torch.zeros(n), torch.zeros(n)
+        param_out = torch.full((n + offset,), float("nan"))[offset:]
+        assert C.adam_step_cpu(p.data_ptr(), m.data_ptr(), vv.data_ptr(), [gb.data_ptr()], n, 0, 0,
+                               step, lr, b1, b2, eps, 0.0, False, assume_finite,
+                               param_out=param_out.data_ptr(), bf16_grads=True)
+        assert torch.equal(p, T(p0)), (assume_finite, offset)
+        assert torch.equal(m, T(m_hat_b)) and torch.equal(vv, T(v_b)), (assume_finite, offset)
+        assert torch.equal(param_out, T(want_b)), (assume_finite, offset)
 print(C.cpu_simd_level())
 """
 
@@ -89,6 +107,91 @@ print(C.cpu_simd_level())
 @pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
 def test_adam_denominator_divides_bit_exactly(simd):
     assert run_with_simd(simd, EXACT_STEP) == expected_level(simd)
+
+
+# bf16 gradients and param_out through every ISA's kernels, bit for bit against the same ISA's
+# fp32 in-place path on the widened gradients: G = 1..5 (G >= 3 without bounds: the presum
+# workspace), the SIMD tails (sizes), the threaded tiles (300001), a non-finite bf16 element at
+# either end of a tile, and a misaligned param_out.
+BF16_PARAM_OUT = r"""
+import torch
+from pyasgd.optim import fused_adam_step
+H = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+torch.manual_seed(0)
+for n in (1, 7, 22, 1023, 300001):
+    for G in (1, 2, 3, 4, 5):
+        for bounds in (False, True):
+            gb = [(torch.randn(n) * 10.0 ** k).to(torch.bfloat16) for k in range(G)]
+            kw = dict(grad_bounds=[g.abs().max().item() for g in gb]) if bounds else {}
+            a = [torch.randn(n), torch.rand(n), torch.rand(n)]
+            b = [t.clone() for t in a]
+            p0 = a[0].clone()
+            param_out = torch.full((n + G % 2,), float("nan"))[G % 2:]
+            assert fused_adam_step(*a, gb, step=3, param_out=param_out, **kw, **H)
+            assert fused_adam_step(*b, [g.float() for g in gb], step=3, **kw, **H)
+            assert torch.equal(a[0], p0), (n, G, bounds)
+            assert torch.equal(param_out, b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]), (n, G, bounds)
+        for idx in {0, n // 2, n - 1}:
+            for bits in (0x7FC0, 0x7F80, -0x80):  # NaN, inf, -inf
+                gb = [torch.randn(n).to(torch.bfloat16) for _ in range(G)]
+                gb[-1].view(torch.int16)[idx] = bits
+                a = [torch.randn(n), torch.rand(n), torch.rand(n)]
+                before = [t.clone() for t in a]
+                param_out = torch.full((n,), 7.0)
+                assert fused_adam_step(*a, gb, step=3, param_out=param_out, **H) is False, (n, G, idx)
+                assert all(torch.equal(x, y) for x, y in zip(a, before)) and (param_out == 7.0).all()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+def test_bf16_grads_and_param_out_at_every_simd_level(simd):
+    assert run_with_simd(simd, BF16_PARAM_OUT) == "ok"
+
+
+# The pusher's bf16 copy at every ISA: src.to(torch.bfloat16) bit for bit (torch rounds to nearest
+# even; its NaN bits differ by path, so NaN is checked as NaN), on random bit patterns (every
+# exponent, subnormals, signalling NaNs whose payload is only in the low half) and on chosen
+# values; the bound is max |rounded| or +inf; odd sizes and misaligned source and destination.
+COPY_BF16 = r"""
+import math
+import torch
+import pyasgd._C as C
+chosen = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 1e-45, 1.1754942e-38, 1.00390625, 1.01171875,
+                       -1.00390625, 3.3895313e38, 3.3961e38, 3.4e38, -3.4e38, 65504.0,
+                       float("inf"), float("-inf"), float("nan")])
+assert math.isinf(chosen[11:12].to(torch.bfloat16).item()), "3.4e38 must round up to inf"
+gen = torch.Generator().manual_seed(0)
+for n in (1, 7, 15, 16, 17, 22, 1023, 300001):
+    for offset in (0, 1):
+        for kind in ("bits", "finite", "chosen"):
+            if kind == "bits":
+                src = torch.randint(-2**31, 2**31, (n,), generator=gen).to(torch.int32).view(torch.float32)
+            else:
+                src = torch.randn(n, generator=gen) * 10.0 ** torch.randint(-40, 37, (n,), generator=gen)
+                if kind == "chosen":
+                    k = min(n, len(chosen))
+                    src[-k:] = chosen[:k] if n > 1 else chosen[11:12]
+            src = torch.cat([torch.zeros(offset), src])[offset:]
+            dst = torch.full((n + offset,), 1.0, dtype=torch.bfloat16)[offset:]
+            bound = C.copy_bf16_absmax_cpu(dst.data_ptr(), src.data_ptr(), n)
+            want = src.to(torch.bfloat16)
+            nan = want.isnan()
+            assert torch.equal(dst.isnan(), nan), (n, offset, kind)
+            assert torch.equal(dst.view(torch.int16)[~nan], want.view(torch.int16)[~nan]), (n, offset, kind)
+            wf = want.float()
+            expect = wf.abs().max().item() if torch.isfinite(wf).all() else math.inf
+            assert bound == expect, (n, offset, kind, bound, expect)
+            assert kind != "finite" or math.isfinite(bound)
+zero = torch.zeros(5)
+assert C.copy_bf16_absmax_cpu(torch.empty(5, dtype=torch.bfloat16).data_ptr(), zero.data_ptr(), 0) == 0.0
+print(C.cpu_simd_level())
+"""
+
+
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+def test_copy_bf16_absmax_rounds_as_torch_and_bounds(simd):
+    assert run_with_simd(simd, COPY_BF16) == expected_level(simd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +305,37 @@ def test_cuda_copy_absmax_of_zeros_and_empty():
     assert C.cuda_copy_absmax(dst.data_ptr(), src.data_ptr(), 1001, dev.index, stream_of(dev)) == 0.0
     assert not dst.any()
     assert C.cuda_copy_absmax(dst.data_ptr(), src.data_ptr(), 0, dev.index, stream_of(dev)) == 0.0
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("n", [1, 3, 7, 22, 1023, 2**20 + 3])
+@pytest.mark.parametrize("offset", [0, 1])  # 1: misaligned, so the scalar kernel does it all
+def test_cuda_copy_bf16_absmax_rounds_as_torch_and_bounds(n, offset):
+    import pyasgd._C as C
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator().manual_seed(n)
+    src_host = torch.randn(n + offset, generator=gen) * 10.0 ** torch.randint(-40, 37, (n + offset,), generator=gen)
+    src = src_host.to(dev)[offset:]
+    dst = torch.full((n + offset,), 1.0, dtype=torch.bfloat16, pin_memory=True)[offset:]
+    bound = C.cuda_copy_bf16_absmax(dst.data_ptr(), src.data_ptr(), n, dev.index, stream_of(dev))
+    want = src.cpu().to(torch.bfloat16)
+    assert torch.equal(dst.view(torch.int16), want.view(torch.int16))  # complete on return
+    assert bound == want.float().abs().max().item()
+    bits = torch.randint(-2**31, 2**31, (n,), generator=gen).to(torch.int32).view(torch.float32)
+    src.copy_(bits.to(dev))
+    bound = C.cuda_copy_bf16_absmax(dst.data_ptr(), src.data_ptr(), n, dev.index, stream_of(dev))
+    want = bits.to(torch.bfloat16)
+    nan = want.isnan()
+    assert torch.equal(dst.isnan(), nan)
+    assert torch.equal(dst.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert bound == (want.float().abs().max().item() if torch.isfinite(want.float()).all() else float("inf"))
+    for bad in (float("nan"), float("inf"), 3.4e38):  # 3.4e38 rounds up to inf
+        src.fill_(1.0)
+        src[n // 2] = bad
+        torch.cuda.current_stream(dev).synchronize()
+        got = C.cuda_copy_bf16_absmax(dst.data_ptr(), src.data_ptr(), n, dev.index, stream_of(dev))
+        assert got == float("inf"), bad
 
 
 def cuda_step(C, p, m, v, grads, *, step, assume_finite, stream):

@@ -323,12 +323,14 @@ def test_a_dead_owners_segment_is_swept_though_its_fork_and_attachers_live(shm_d
 CORRUPTIONS = [  # (field, value, what the error must name)
     ("slots", 1 << 40, "slots = 1099511627776 is outside 1..65536"),
     ("n", 1 << 62, "n = 4611686018427387904 and slots = 3 overflow"),
-    ("n", 7, "n = 7 and slots = 3 need"),
+    ("n", 7, "n = 7, slots = 3 and grad_dtype = 0 need"),
     ("param_offset[1]", 1 << 40, "param_offset[1] = 1099511627776"),
     ("slot_meta_offset", 8, "slot_meta_offset = 8"),
     ("slot_stride", 4, "slot_stride = 4"),
     ("total_bytes", 1 << 20, "total_bytes = 1048576 but the segment has"),
     ("layout_version", 3, "its header has layout 3"),
+    ("layout_version", 5, "its header has layout 5"),  # before the slots had a type
+    ("grad_dtype", 7, "grad_dtype = 7 is not a gradient type"),
 ]
 
 ATTACH_ALL = """

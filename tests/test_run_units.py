@@ -1,6 +1,7 @@
 """Unit tests of the trainer's pieces, without processes: the server's Updater (policies, the
-sync-mode publish rule, clipping, skipping), the learning-rate schedule, early stopping, and
-refusing a resume whose fixed settings changed."""
+sync-mode publish rule, clipping, skipping; with a master copy and without one, on a region's
+two buffers), the learning-rate schedule, early stopping, and refusing a resume whose fixed
+settings changed."""
 import dataclasses
 import types
 
@@ -9,6 +10,7 @@ import torch
 
 from pyasgd import rundir
 from pyasgd.config import ConfigError, TrainConfig, resume_fixed_fields
+from pyasgd.exchange import SharedRegion
 from pyasgd.launcher import train
 from pyasgd.runlog import RunLog
 from pyasgd.schedule import learning_rate
@@ -82,6 +84,118 @@ def test_a_skipped_update_is_published_only_in_sync_mode(mode):
         assert res.publish and torch.equal(out, p)
     else:
         assert not res.publish and torch.equal(out, torch.full((N,), -1.0))
+
+
+# Updates that exercise every path of apply(): plain, with the pushers' bounds (one pass), a
+# non-finite gradient (skipped), varying staleness (scale, drop:1; all dropped in the last but
+# one), then plain again. (gradients, staleness, give bounds)
+def update_script(dtype):
+    script = []
+    for t, stale in enumerate(([0, 0], [0, 1], [2, 0], [0, 0], [0, 2], [3, 2], [1, 0])):
+        gs = [g.to(dtype) for g in grads(2, 100 + t)]
+        if t == 3:
+            gs[1][N - 1] = float("nan")  # the last element: every element before it is finite
+        script.append((gs, stale, t % 2 == 1))
+    return script
+
+
+POLICIES = {
+    "sync": dict(mode="sync"),
+    "async": dict(mode="async"),
+    "sync drop:1": dict(mode="sync", stale_policy="drop:1"),
+    "async drop:1": dict(mode="async", stale_policy="drop:1"),
+    "scale": dict(mode="async", stale_policy="scale"),
+    "clip + adamw": dict(mode="async", clip_norm=1.0, weight_decay=0.01, decoupled=True),
+    "l2": dict(mode="sync", weight_decay=0.01),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_the_back_buffer_update_equals_the_master_copy_update_bit_for_bit(policy, dtype):
+    """The CPU server's path (no master: read the region's front buffer, write the back one,
+    publish) against the master-copy path (the simulator's and the CUDA server's), update after
+    update: the published parameters, the moments and every decision are the same bits."""
+    c = config(**POLICIES[policy])
+    p = torch.randn(N)
+    master = Updater(c, p)
+    with SharedRegion.create(N, 1) as region:
+        v0 = region.publish(p)
+        up = Updater(c, region.front(), keep_master=False)
+        assert up.master is None
+        published, skipped, dropped = 0, 0, 0
+        for gs, stale, with_bounds in update_script(dtype):
+            bounds = [float(g.float().abs().max()) for g in gs] if with_bounds else None
+            out = torch.full((N,), -7.0)
+            a = master.apply([g.clone() for g in gs], stale, out=out, bounds=bounds)
+            front, back = region.front(), region.begin_update()
+            old_back, res = back.clone(), None
+            try:
+                res = up.apply([g.clone() for g in gs], stale, out=back, bounds=bounds, current=front)
+            finally:
+                region.end_update(None, publish=res is not None and res.publish)
+            assert (res.applied, res.publish, res.dropped, res.lr) == (a.applied, a.publish, a.dropped, a.lr)
+            assert repr(res.grad_norm) == repr(a.grad_norm)  # the same float (or both nan, or None)
+            if not res.publish:  # a skipped step wrote nothing into the back buffer
+                assert torch.equal(back, old_back)
+            published += res.publish
+            skipped += not res.applied and res.dropped == 0
+            dropped += res.dropped
+            assert region.version == v0 + published
+            assert torch.equal(region.front(), master.master)  # what the workers pull
+            if a.publish:
+                assert torch.equal(out, master.master)
+            assert torch.equal(up.exp_avg, master.exp_avg) and torch.equal(up.exp_avg_sq, master.exp_avg_sq)
+            assert (up.step, up.skipped, up.dropped) == (master.step, master.skipped, master.dropped)
+        assert skipped >= 1  # the non-finite update
+        if "drop" in policy:
+            assert dropped >= 3  # including an update whose every gradient was dropped
+        if c.mode == "sync":  # every round published, skipped or not: the barrier is released
+            assert published == len(update_script(dtype))
+        # a checkpoint reads the parameters from the front buffer (a copy, not a view of the region)
+        st, ref = up.state_dict(current=region.front()), master.state_dict()
+        for key in ("params", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(st[key], ref[key]), key
+        assert st["params"].data_ptr() != region.front().data_ptr()
+        assert (st["step"], st["skipped"], st["dropped"]) == (ref["step"], ref["skipped"], ref["dropped"])
+
+
+def test_an_updater_without_a_master_copy_needs_the_published_parameters():
+    c = config()
+    with SharedRegion.create(N, 1) as region:
+        p = torch.randn(N)
+        region.publish(p)
+        up = Updater(c, region.front(), keep_master=False)
+        with pytest.raises(ValueError, match="no master copy: pass current="):
+            up.apply(grads(1, 0), [0], out=torch.empty(N))
+        with pytest.raises(ValueError, match="no master copy: pass current="):
+            up.state_dict()
+        # resume: the checkpoint's parameters must be the published ones (the launcher publishes them)
+        saved = Updater(c, p).state_dict()
+        saved["step"] = 5
+        up.load_state_dict(saved, current=region.front())
+        assert up.step == 5 and torch.equal(region.front(), p)
+        wrong = dict(saved, params=p + 1)
+        with pytest.raises(RuntimeError, match="published parameters are not the checkpoint's"):
+            up.load_state_dict(wrong, current=region.front())
+    with pytest.raises(ValueError, match="keep the master"):
+        Updater(c, torch.zeros(N), "meta", keep_master=False)
+
+
+def test_bf16_gradients_are_summed_in_fp32_and_scaled_without_a_second_rounding():
+    """bf16 gradients: the update is the fp32 update of the widened values, whatever the policy
+    (the scale policy widens before it scales, rather than rounding the scaled value to bf16)."""
+    for kw, stale in ((dict(), [0, 0, 0]), (dict(stale_policy="scale"), [3, 1, 5]), (dict(clip_norm=1.0), [0, 0, 0])):
+        c = config(**kw)
+        p = torch.randn(N)
+        a, b = Updater(c, p), Updater(c, p)
+        for t in range(3):
+            gs = [g * 4 for g in grads(3, 50 + t)]
+            half = [g.to(torch.bfloat16) for g in gs]
+            assert a.apply(half, stale).applied and b.apply([g.float() for g in half], stale).applied
+            assert all(torch.equal(h, g.to(torch.bfloat16)) for h, g in zip(half, gs))  # not scaled in place
+        assert torch.equal(a.master, b.master), kw
+        assert not torch.equal(a.master, Updater(c, p).master)
 
 
 def test_clipping_rescales_the_summed_gradient_to_the_norm():

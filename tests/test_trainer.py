@@ -115,6 +115,16 @@ def test_bf16_autocast_trains_the_synthetic_task(tmp_path):
     assert not torch.equal(bf16["params"], fp32["params"])  # the forward really ran in bf16
 
 
+def test_bf16_gradients_train_in_the_simulator_and_change_the_run(tmp_path):
+    kw = dict(simulate=True, mode="async", global_accum=2, max_updates=400)
+    summary = train(cfg(tmp_path, "bf16", grad_dtype="bf16", **kw))
+    assert summary["final_valid"]["accuracy"] > 0.6
+    train(cfg(tmp_path, "fp32", **kw))
+    bf16, fp32 = (checkpoint.load(str(tmp_path / d / "checkpoint.pt"))["server"] for d in ("bf16", "fp32"))
+    assert bf16["params"].dtype == torch.float32
+    assert not torch.equal(bf16["params"], fp32["params"])  # the gradients really were rounded
+
+
 def test_simulator_is_deterministic_and_resumes_bit_for_bit(tmp_path):
     kw = dict(simulate=True, mode="async", global_accum=2, local_accum=2, sim_order="normal")
     train(cfg(tmp_path, "a", max_updates=60, **kw))
@@ -219,6 +229,41 @@ def test_sync_matches_single_process_with_summed_batches(tmp_path):
     for key, mine in (("params", up.master), ("exp_avg", up.exp_avg), ("exp_avg_sq", up.exp_avg_sq)):
         # gradients arrive in any order, so sums differ by fp32 rounding only
         assert ((got[key] - mine).abs().max() / mine.abs().max()).item() < 1e-5, key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grad_dtype", ["fp32", "bf16"])
+def test_the_cpu_server_without_a_master_copy_matches_the_master_path_bit_for_bit(tmp_path, grad_dtype):
+    """One worker in sync mode is deterministic: the real run (the server reads the published
+    buffer and writes the back one, no master copy; the gradient through an fp32 or bf16 slot)
+    equals an in-process replay on a master copy, bit for bit, checkpoint included."""
+    from pyasgd.flat import FlatModel
+    from pyasgd.server import Updater
+    from pyasgd.tasks import Cursor, make_task
+
+    c = cfg(tmp_path, workers=1, mode="sync", max_updates=12, lr=1e-2, warmup=3, grad_dtype=grad_dtype)
+    train(c)
+    got = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))["server"]
+    task = make_task(c)
+    flat = FlatModel(task.build_model())
+    up = Updater(c, flat.params)
+    assert up.master is not None  # the master-copy path
+    data = task.batches(0, 1, Cursor())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (threads=1): the same reductions, the same bits
+    try:
+        for _ in range(12):
+            flat.params.copy_(up.master)
+            flat.zero_grad()
+            loss, _ = task.loss(flat.model, next(data)[0])
+            loss.backward()
+            g = flat.grads.to(torch.bfloat16) if grad_dtype == "bf16" else flat.grads.clone()
+            assert up.apply([g], [0]).applied
+    finally:
+        torch.set_num_threads(threads)
+    assert got["step"] == 12
+    for key, mine in (("params", up.master), ("exp_avg", up.exp_avg), ("exp_avg_sq", up.exp_avg_sq)):
+        assert torch.equal(got[key], mine), key
 
 
 @pytest.mark.slow
@@ -328,6 +373,29 @@ def start_cli(tmp_path, *args):
         p.kill()
         pytest.fail("the run never started: " + p.communicate()[1][-2000:])
     return p, children(p.pid)
+
+
+@pytest.mark.slow
+def test_a_real_run_with_bf16_gradients_trains_leaves_nothing_and_resumes(tmp_path):
+    p, kids = start_cli(tmp_path, "--grad-dtype", "bf16", "--max-updates", "400", "--compute-delay", "0.005",
+                        "--lr", "5e-3", "--warmup", "50", "--save-every", "200")
+    assert len(kids) >= 3  # server + 2 workers (+ multiprocessing's resource tracker)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err
+    assert_all_gone(kids)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"pyasgd-{p.pid}-")]
+    run = tmp_path / "run"
+    assert read_json(run / "config.json")["grad_dtype"] == "bf16"
+    ups = records(str(run), "update")
+    assert len(ups) == 400
+    assert sum(r["loss"] for r in ups[-10:]) < 0.5 * sum(r["loss"] for r in ups[:10])
+    first = checkpoint.load(str(run / "checkpoint.pt"))["server"]
+    assert first["step"] == 400 and first["params"].dtype == torch.float32
+    summary = train(cfg(tmp_path, workers=2, grad_dtype="bf16", max_updates=450, resume=str(run)))
+    assert summary["updates"] == 450 and summary["stopped_because"] == "max_updates"
+    second = checkpoint.load(str(run / "checkpoint.pt"))["server"]
+    assert second["step"] == 450 and not torch.equal(first["params"], second["params"])
+    assert summary["final_valid"]["accuracy"] > 0.6
 
 
 @pytest.mark.slow
@@ -465,6 +533,7 @@ def test_cli_loads_toml_and_options_override_it(tmp_path, cli):
     (["--devices", "cuda:0"], "--devices"),
     (["--stale-policy", "drop:x"], "--stale-policy"),
     (["--mode", "semi"], "--mode"),
+    (["--grad-dtype", "fp16"], "--grad-dtype"),
 ])
 def test_cli_rejects_bad_settings_before_starting(tmp_path, cli, args, option):
     if option == "--devices" and "cuda:0" in args and torch.cuda.is_available():

@@ -2,6 +2,7 @@
 // the Adam pass over tiles split across the thread pool.
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <utility>
@@ -42,9 +43,14 @@ const char* cpu_simd_level() { return cpu::isa().name; }
 int cpu_num_threads() { return cpu::pool().size(); }
 void cpu_set_num_threads(int n) { cpu::set_threads(n); }
 
-bool adam_step_cpu(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
-                   float* out, float* workspace, const AdamHyper& h, bool assume_finite) {
+namespace {
+
+template <class T>
+bool adam_step_cpu_t(const float* param, float* param_out, float* m, float* v,
+                     const T* const* grads, int G, size_t n, float* out, float* workspace,
+                     const AdamHyper& h, bool assume_finite) {
   const cpu::IsaKernels& k = cpu::isa();
+  const cpu::GradKernels<T>& gk = k.grads<T>();
   const AdamScalars c = make_scalars(h);
   const size_t tiles = n < cpu::kParallelMin ? 1 : (n + cpu::kTile - 1) / cpu::kTile;
   const size_t tile = n < cpu::kParallelMin ? n : cpu::kTile;
@@ -52,32 +58,45 @@ bool adam_step_cpu(float* param, float* m, float* v, const float* const* grads, 
   if (assume_finite) {  // the common case on the server: one pass
     cpu::pool().run(tiles, [&](size_t t) {
       auto [b, e] = bounds(t);
-      k.apply(param, m, v, grads, G, out, b, e, c);
+      gk.apply(param, param_out, m, v, grads, G, out, b, e, c);
     });
     return true;
   }
   // Nothing may be written unless every summed element is finite, which is only known after
   // reading all gradients. For G <= 2 a read-only check pass is the cheapest way to know; for
-  // larger G, summing into the workspace in the same pass lets the Adam pass read 1 buffer, not G.
+  // larger G, summing into the workspace in the same pass lets the Adam pass read 1 buffer, not G
+  // (an fp32 one, whatever the gradients' type).
   const bool presum = workspace != nullptr && G >= 3;
-  const float* summed = workspace;
-  const float* const* apply_grads = presum ? &summed : grads;
-  const int apply_G = presum ? 1 : G;
-
   std::atomic<bool> finite{true};
   cpu::pool().run(tiles, [&](size_t t) {
     if (!finite.load(std::memory_order_relaxed)) return;  // already failed: stop reading
     auto [b, e] = bounds(t);
-    bool ok = presum ? k.sum(grads, G, workspace, b, e) : k.finite(grads, G, b, e);
+    bool ok = presum ? gk.sum(grads, G, workspace, b, e) : gk.finite(grads, G, b, e);
     if (!ok) finite.store(false, std::memory_order_relaxed);
   });
   if (!finite.load()) return false;
 
+  const float* summed = workspace;
   cpu::pool().run(tiles, [&](size_t t) {
     auto [b, e] = bounds(t);
-    k.apply(param, m, v, apply_grads, apply_G, out, b, e, c);
+    if (presum) k.f32.apply(param, param_out, m, v, &summed, 1, out, b, e, c);
+    else gk.apply(param, param_out, m, v, grads, G, out, b, e, c);
   });
   return true;
+}
+
+}  // namespace
+
+bool adam_step_cpu(const float* param, float* param_out, float* m, float* v,
+                   const float* const* grads, int G, size_t n, float* out, float* workspace,
+                   const AdamHyper& h, bool assume_finite) {
+  return adam_step_cpu_t(param, param_out, m, v, grads, G, n, out, workspace, h, assume_finite);
+}
+
+bool adam_step_cpu(const float* param, float* param_out, float* m, float* v,
+                   const uint16_t* const* grads, int G, size_t n, float* out, float* workspace,
+                   const AdamHyper& h, bool assume_finite) {
+  return adam_step_cpu_t(param, param_out, m, v, grads, G, n, out, workspace, h, assume_finite);
 }
 
 }  // namespace pyasgd

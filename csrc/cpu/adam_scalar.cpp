@@ -2,6 +2,8 @@
 // and the only kernel on other architectures (aarch64).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include "cpu/kernels.h"
 
 namespace {

@@ -1,5 +1,5 @@
 // Threaded CPU copies for the shared region (see copy.h): tiles over the thread pool, with the
-// push's bound measured by the ISA table's copy_absmax kernel.
+// push's bound measured by the ISA table's copy_absmax (fp32) or copy_bf16_absmax kernel.
 #include "cpu/copy.h"
 
 #include <algorithm>
@@ -11,15 +11,29 @@
 
 namespace pyasgd {
 
-float copy_absmax_cpu(float* dst, const float* src, size_t n) {
-  const cpu::IsaKernels& k = cpu::isa();
-  if (n < cpu::kParallelMin) return k.copy_absmax(dst, src, 0, n);
+namespace {
+
+// Runs a copy-and-bound kernel over tiles of the thread pool; the bound is the tiles' max.
+template <class D>
+float tiled_copy_absmax(float (*kernel)(D*, const float*, size_t, size_t), D* dst,
+                        const float* src, size_t n) {
+  if (n < cpu::kParallelMin) return kernel(dst, src, 0, n);
   const size_t tiles = (n + cpu::kTile - 1) / cpu::kTile;
   std::vector<float> part(tiles);
   cpu::pool().run(tiles, [&](size_t t) {
-    part[t] = k.copy_absmax(dst, src, t * cpu::kTile, std::min(n, (t + 1) * cpu::kTile));
+    part[t] = kernel(dst, src, t * cpu::kTile, std::min(n, (t + 1) * cpu::kTile));
   });
   return *std::max_element(part.begin(), part.end());
+}
+
+}  // namespace
+
+float copy_absmax_cpu(float* dst, const float* src, size_t n) {
+  return tiled_copy_absmax(cpu::isa().copy_absmax, dst, src, n);
+}
+
+float copy_bf16_absmax_cpu(uint16_t* dst, const float* src, size_t n) {
+  return tiled_copy_absmax(cpu::isa().copy_bf16_absmax, dst, src, n);
 }
 
 void parallel_copy(float* dst, const float* src, size_t n) {

@@ -1,9 +1,10 @@
 // CUDA back end of the fused update: the same check pass + Adam pass as the CPU, as elementwise
-// kernels over flat buffers with 16-byte loads where every pointer allows it. Gradient sources
-// may be device memory or mapped pinned host memory (UVA makes both plain pointers here).
+// kernels over flat buffers with 16-byte loads (8 for bf16 gradients) where every pointer allows
+// it. Gradient sources may be device memory or mapped pinned host memory (UVA: plain pointers).
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -24,8 +25,10 @@ namespace {
                                cudaGetErrorString(err_) + " (" #expr ")");             \
   } while (0)
 
+// Gradients of one type T: float, or uint16_t holding bf16 bits (widened exactly, bits << 16).
+template <class T>
 struct GradPtrs {
-  const float* p[kCudaMaxGrads];
+  const T* p[kCudaMaxGrads];
 };
 
 constexpr int kThreads = 256;
@@ -56,8 +59,22 @@ __device__ __forceinline__ void store(float* p, size_t i, const Pack<W>& r) {
   }
 }
 
+// W bf16 values widened to fp32: exact, the bf16 bits are the float's upper half.
 template <int W>
-__device__ __forceinline__ Pack<W> sum_grads(const GradPtrs& g, int G, size_t i) {
+__device__ __forceinline__ Pack<W> load(const uint16_t* p, size_t i) {
+  Pack<W> r;
+  if constexpr (W == 4) {
+    uint2 t = *reinterpret_cast<const uint2*>(p + i);  // 8 bytes: 4 values
+    r.x[0] = __uint_as_float(t.x << 16), r.x[1] = __uint_as_float(t.x & 0xffff0000u);
+    r.x[2] = __uint_as_float(t.y << 16), r.x[3] = __uint_as_float(t.y & 0xffff0000u);
+  } else {
+    r.x[0] = __uint_as_float(static_cast<unsigned>(p[i]) << 16);
+  }
+  return r;
+}
+
+template <int W, class T>
+__device__ __forceinline__ Pack<W> sum_grads(const GradPtrs<T>& g, int G, size_t i) {
   Pack<W> s = load<W>(g.p[0], i);
   for (int k = 1; k < G; ++k) {  // fixed order: deterministic, and equal to the CPU's sum
     Pack<W> t = load<W>(g.p[k], i);
@@ -68,8 +85,8 @@ __device__ __forceinline__ Pack<W> sum_grads(const GradPtrs& g, int G, size_t i)
 }
 
 // Pass 1: flag a non-finite summed element; with dst, also store the sums for pass 2.
-template <int W>
-__global__ void sum_check_kernel(GradPtrs g, int G, size_t base, size_t packs, float* dst, int* bad) {
+template <int W, class T>
+__global__ void sum_check_kernel(GradPtrs<T> g, int G, size_t base, size_t packs, float* dst, int* bad) {
   size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
   if (i >= packs) return;
   size_t off = base + i * W;
@@ -82,11 +99,12 @@ __global__ void sum_check_kernel(GradPtrs g, int G, size_t base, size_t packs, f
 }
 
 // Pass 2: the same arithmetic, in the same order, as csrc/cpu/adam_kernel.inl. bad is null when
-// the caller proved the sum finite (no check pass ran).
-template <int W>
-__global__ void adam_kernel(float* __restrict__ p, float* __restrict__ m, float* __restrict__ v,
-                            GradPtrs g, int G, size_t base, size_t packs, float* __restrict__ out,
-                            AdamScalars c, const int* bad) {
+// the caller proved the sum finite (no check pass ran). p is only read and p_out written: they
+// are the same buffer for an update in place, so neither is __restrict__.
+template <int W, class T>
+__global__ void adam_kernel(const float* p, float* p_out, float* __restrict__ m,
+                            float* __restrict__ v, GradPtrs<T> g, int G, size_t base, size_t packs,
+                            float* __restrict__ out, AdamScalars c, const int* bad) {
   if (bad && *bad) return;  // skipped step: nothing is written
   size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x;
   if (i >= packs) return;
@@ -106,8 +124,23 @@ __global__ void adam_kernel(float* __restrict__ p, float* __restrict__ m, float*
   }
   store<W>(m, off, mv);
   store<W>(v, off, vv);
-  store<W>(p, off, pv);
+  store<W>(p_out, off, pv);
   if (out) store<W>(out, off, pv);
+}
+
+// Block-wide max of each thread's mx (float bits); one atomic per block reaches *result.
+__device__ __forceinline__ void block_max_to(unsigned mx, unsigned* result) {
+  __shared__ unsigned warp_max[kThreads / 32];
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = mx;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    mx = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0u;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (threadIdx.x == 0 && mx != 0) atomicMax(result, mx);
+  }
 }
 
 // The push: copies src to dst (mapped pinned host memory, written over the bus) and folds
@@ -129,21 +162,48 @@ __global__ void copy_absmax_kernel(float* __restrict__ dst, const float* __restr
       mx = max(mx, isfinite(a) ? __float_as_uint(a) : kInfBits);
     }
   }
-  // Block reduction, so one atomic per block reaches the result word.
-  __shared__ unsigned warp_max[kThreads / 32];
+  block_max_to(mx, result);
+}
+
+// fp32 -> the nearest bf16 (ties to even), as the fp32 bits of the same value (low half zero):
+// the rule of ScalarVec::round_bf16 in csrc/cpu/adam_kernel.inl, so both devices store the same
+// bits. A NaN keeps its sign and gets the quiet bit; a finite value past bf16's largest -> inf.
+__device__ __forceinline__ unsigned round_bf16_bits(float x) {
+  unsigned u = __float_as_uint(x);
+  u = isnan(x) ? (u | 0x00400000u) : u + 0x7fffu + ((u >> 16) & 1u);
+  return u & 0xffff0000u;
+}
+
+// The push into a bf16 slot: rounds src, stores the upper halves to dst and folds
+// max |rounded| into *result as bits (as copy_absmax_kernel; non-finite counts as +inf).
+template <int W>
+__global__ void copy_bf16_absmax_kernel(uint16_t* __restrict__ dst, const float* __restrict__ src,
+                                        size_t base, size_t packs, unsigned* result) {
+  constexpr unsigned kInfBits = 0x7f800000u;
+  unsigned mx = 0;
+  const size_t stride = static_cast<size_t>(gridDim.x) * blockDim.x;
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < packs; i += stride) {
+    size_t off = base + i * W;
+    Pack<W> x = load<W>(src, off);
+    unsigned r[W];
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = mx;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    mx = threadIdx.x < blockDim.x / 32 ? warp_max[threadIdx.x] : 0u;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    if (threadIdx.x == 0 && mx != 0) atomicMax(result, mx);
+    for (int j = 0; j < W; ++j) {
+      r[j] = round_bf16_bits(x.x[j]);
+      unsigned a = r[j] & 0x7fffffffu;  // |rounded|; above kInfBits only for NaN
+      mx = max(mx, a < kInfBits ? a : kInfBits);
+    }
+    if constexpr (W == 4) {
+      *reinterpret_cast<uint2*>(dst + off) =
+          make_uint2((r[0] >> 16) | r[1], (r[2] >> 16) | r[3]);  // little-endian: [0] low half
+    } else {
+      dst[off] = static_cast<uint16_t>(r[0] >> 16);
+    }
   }
+  block_max_to(mx, result);
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+bool aligned8(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 7) == 0; }
 
 // Launches kernel<4> over the 16-byte-aligned bulk and kernel<1> over the tail.
 template <class Launch4, class Launch1>
@@ -216,47 +276,44 @@ struct DeviceGuard {
   }
 };
 
-}  // namespace
+// Queues the Adam pass over the gradients g (or the check pass's fp32 sums) on `stream`.
+template <class T>
+void launch_adam(const float* param, float* param_out, float* m, float* v, const GradPtrs<T>& g,
+                 int G, size_t n, float* out, const AdamScalars& c, bool vec, const int* bad,
+                 cudaStream_t stream) {
+  launch_split(
+      n, vec,
+      [&](size_t b, size_t packs, unsigned blocks) {
+        adam_kernel<4><<<blocks, kThreads, 0, stream>>>(param, param_out, m, v, g, G, b, packs, out, c, bad);
+      },
+      [&](size_t b, size_t packs, unsigned blocks) {
+        adam_kernel<1><<<blocks, kThreads, 0, stream>>>(param, param_out, m, v, g, G, b, packs, out, c, bad);
+      });
+  PYASGD_CUDA_CHECK(cudaGetLastError());
+}
 
-bool adam_step_cuda(float* param, float* m, float* v, const float* const* grads, int G, size_t n,
-                    float* out, float* workspace, const AdamHyper& h, int device, void* stream_ptr,
-                    bool assume_finite) {
+template <class T>
+bool adam_step_cuda_t(const float* param, float* param_out, float* m, float* v,
+                      const T* const* grads, int G, size_t n, float* out, float* workspace,
+                      const AdamHyper& h, int device, void* stream_ptr, bool assume_finite) {
   if (G < 1 || G > kCudaMaxGrads) throw std::invalid_argument("adam_step_cuda: G out of range");
   DeviceGuard guard(device);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
   const AdamScalars c = make_scalars(h);
-  GradPtrs gp{};
-  bool vec = aligned16(param) && aligned16(m) && aligned16(v) && (!out || aligned16(out)) &&
-             (!workspace || aligned16(workspace));
+  GradPtrs<T> gp{};
+  // The 4-wide kernel loads 16 bytes of each fp32 buffer and 4 * sizeof(T) of each gradient.
+  bool vec = aligned16(param) && aligned16(param_out) && aligned16(m) && aligned16(v) &&
+             (!out || aligned16(out)) && (!workspace || aligned16(workspace));
   for (int k = 0; k < G; ++k) {
     gp.p[k] = grads[k];
-    vec = vec && aligned16(grads[k]);
+    vec = vec && (sizeof(T) == 4 ? aligned16(grads[k]) : aligned8(grads[k]));
   }
-  const bool presum = !assume_finite && workspace != nullptr && G >= 3;  // see adam_cpu.cpp
-  GradPtrs ap = gp;
-  int aG = G;
-  if (presum) {
-    ap = GradPtrs{};
-    ap.p[0] = workspace;
-    aG = 1;
-  }
-  auto launch_adam = [&](const int* bad) {
-    launch_split(
-        n, vec,
-        [&](size_t b, size_t packs, unsigned blocks) {
-          adam_kernel<4><<<blocks, kThreads, 0, stream>>>(param, m, v, ap, aG, b, packs, out, c, bad);
-        },
-        [&](size_t b, size_t packs, unsigned blocks) {
-          adam_kernel<1><<<blocks, kThreads, 0, stream>>>(param, m, v, ap, aG, b, packs, out, c, bad);
-        });
-    PYASGD_CUDA_CHECK(cudaGetLastError());
-  };
-
   if (assume_finite) {  // proven finite: one pass, queued on the stream, nothing to wait for
-    launch_adam(nullptr);
+    launch_adam(param, param_out, m, v, gp, G, n, out, c, vec, nullptr, stream);
     return true;
   }
 
+  const bool presum = workspace != nullptr && G >= 3;  // see adam_cpu.cpp
   Word& w = scratch(device).bad;
   int* bad = reinterpret_cast<int*>(w.dev);
   std::lock_guard<std::mutex> lk(w.mu);  // until the verdict is read back (see DeviceScratch)
@@ -271,10 +328,32 @@ bool adam_step_cuda(float* param, float* m, float* v, const float* const* grads,
         sum_check_kernel<1><<<blocks, kThreads, 0, stream>>>(gp, G, b, packs, dst, bad);
       });
   PYASGD_CUDA_CHECK(cudaGetLastError());
-  launch_adam(bad);
+  if (presum) {  // the Adam pass reads the fp32 sums, whatever the gradients' type
+    GradPtrs<float> sums{};
+    sums.p[0] = workspace;
+    launch_adam(param, param_out, m, v, sums, 1, n, out, c, vec, bad, stream);
+  } else {
+    launch_adam(param, param_out, m, v, gp, G, n, out, c, vec, bad, stream);
+  }
   PYASGD_CUDA_CHECK(cudaMemcpyAsync(w.host, bad, sizeof(int), cudaMemcpyDeviceToHost, stream));
   PYASGD_CUDA_CHECK(cudaStreamSynchronize(stream));  // the caller needs the verdict now
   return *w.host == 0;
+}
+
+}  // namespace
+
+bool adam_step_cuda(const float* param, float* param_out, float* m, float* v,
+                    const float* const* grads, int G, size_t n, float* out, float* workspace,
+                    const AdamHyper& h, int device, void* stream, bool assume_finite) {
+  return adam_step_cuda_t(param, param_out, m, v, grads, G, n, out, workspace, h, device, stream,
+                          assume_finite);
+}
+
+bool adam_step_cuda(const float* param, float* param_out, float* m, float* v,
+                    const uint16_t* const* grads, int G, size_t n, float* out, float* workspace,
+                    const AdamHyper& h, int device, void* stream, bool assume_finite) {
+  return adam_step_cuda_t(param, param_out, m, v, grads, G, n, out, workspace, h, device, stream,
+                          assume_finite);
 }
 
 float cuda_copy_absmax(float* dst, const float* src, size_t n, int device, void* stream_ptr) {
@@ -299,6 +378,32 @@ float cuda_copy_absmax(float* dst, const float* src, size_t n, int device, void*
   PYASGD_CUDA_CHECK(cudaMemcpyAsync(w.host, w.dev, sizeof(unsigned), cudaMemcpyDeviceToHost, stream));
   // The copy into the slot must be complete before the caller commits it.
   PYASGD_CUDA_CHECK(cudaStreamSynchronize(stream));
+  float bound;
+  std::memcpy(&bound, w.host, sizeof(bound));
+  return bound;
+}
+
+float cuda_copy_bf16_absmax(uint16_t* dst, const float* src, size_t n, int device, void* stream_ptr) {
+  if (n == 0) return 0.0f;
+  DeviceGuard guard(device);
+  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  DeviceScratch& s = scratch(device);
+  Word& w = s.absmax;
+  std::lock_guard<std::mutex> lk(w.mu);  // until the bound is read back (see DeviceScratch)
+  PYASGD_CUDA_CHECK(cudaMemsetAsync(w.dev, 0, sizeof(unsigned), stream));  // bits of +0.0f
+  const bool vec = aligned8(dst) && aligned16(src);  // 4 values: 16 bytes in, 8 bytes out
+  auto grid = [&](unsigned blocks) { return std::min(blocks, static_cast<unsigned>(s.blocks_cap)); };
+  launch_split(
+      n, vec,
+      [&](size_t b, size_t packs, unsigned blocks) {
+        copy_bf16_absmax_kernel<4><<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
+      },
+      [&](size_t b, size_t packs, unsigned blocks) {
+        copy_bf16_absmax_kernel<1><<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
+      });
+  PYASGD_CUDA_CHECK(cudaGetLastError());
+  PYASGD_CUDA_CHECK(cudaMemcpyAsync(w.host, w.dev, sizeof(unsigned), cudaMemcpyDeviceToHost, stream));
+  PYASGD_CUDA_CHECK(cudaStreamSynchronize(stream));  // the slot must be complete before its commit
   float bound;
   std::memcpy(&bound, w.host, sizeof(bound));
   return bound;
