@@ -186,7 +186,8 @@ def test_validation_in_its_own_process_keeps_the_best_snapshot(tmp_path):
     for v in valid:
         assert v["tokens"] >= v["update"] * 2 * 32 * 16 * 0.5 and v["version"] >= v["update"]
     assert [v["update"] for v in valid] == sorted(v["update"] for v in valid)
-    assert summary["valid_s"] > 0 and summary["wps_while_validating"] and summary["wps_not_validating"]
+    # (a validation this fast may see no update arrive meanwhile: 0 words per second is a valid answer)
+    assert summary["valid_s"] > 0 and summary["wps_while_validating"] is not None and summary["wps_not_validating"] > 0
     best = max(valid, key=lambda v: v["accuracy"])  # the first of the best (ties do not replace it)
     assert checkpoint.load(str(tmp_path / "run" / "best.pt"))["update"] == best["update"]
 
