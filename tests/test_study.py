@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from pyasgd.study import load_study, main
+from pyasgd.study import load_study
+from pyasgd.study_cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "studies", "smoke.toml")
@@ -23,7 +24,7 @@ def read_json(path):
 def smoke(tmp_path_factory):
     """The smoke study, run once by the console script as a user would."""
     out = tmp_path_factory.mktemp("smoke") / "study"
-    r = subprocess.run([sys.executable, "-m", "pyasgd.study", "run", SMOKE, "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "pyasgd.study_cli", "run", SMOKE, "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr + r.stdout
     return out, r
