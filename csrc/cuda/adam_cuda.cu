@@ -356,7 +356,11 @@ bool adam_step_cuda(const float* param, float* param_out, float* m, float* v,
                           assume_finite);
 }
 
-float cuda_copy_absmax(float* dst, const float* src, size_t n, int device, void* stream_ptr) {
+namespace {
+// The pushers' copy with its bound, for any slot type: KernelOf<V>::kernel is the kernel that
+// moves V values per thread step (4 when both buffers are aligned for it, else 1).
+template <template <int> class KernelOf, class T>
+float copy_with_bound(T* dst, const float* src, size_t n, bool vec, int device, void* stream_ptr) {
   if (n == 0) return 0.0f;
   DeviceGuard guard(device);
   cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
@@ -364,15 +368,14 @@ float cuda_copy_absmax(float* dst, const float* src, size_t n, int device, void*
   Word& w = s.absmax;
   std::lock_guard<std::mutex> lk(w.mu);  // until the bound is read back (see DeviceScratch)
   PYASGD_CUDA_CHECK(cudaMemsetAsync(w.dev, 0, sizeof(unsigned), stream));  // bits of +0.0f
-  const bool vec = aligned16(dst) && aligned16(src);
   auto grid = [&](unsigned blocks) { return std::min(blocks, static_cast<unsigned>(s.blocks_cap)); };
   launch_split(
       n, vec,
       [&](size_t b, size_t packs, unsigned blocks) {
-        copy_absmax_kernel<4><<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
+        KernelOf<4>::kernel<<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
       },
       [&](size_t b, size_t packs, unsigned blocks) {
-        copy_absmax_kernel<1><<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
+        KernelOf<1>::kernel<<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
       });
   PYASGD_CUDA_CHECK(cudaGetLastError());
   PYASGD_CUDA_CHECK(cudaMemcpyAsync(w.host, w.dev, sizeof(unsigned), cudaMemcpyDeviceToHost, stream));
@@ -383,30 +386,23 @@ float cuda_copy_absmax(float* dst, const float* src, size_t n, int device, void*
   return bound;
 }
 
+template <int V>
+struct Fp32Copy {
+  static constexpr auto kernel = copy_absmax_kernel<V>;
+};
+template <int V>
+struct Bf16Copy {
+  static constexpr auto kernel = copy_bf16_absmax_kernel<V>;
+};
+}  // namespace
+
+float cuda_copy_absmax(float* dst, const float* src, size_t n, int device, void* stream_ptr) {
+  return copy_with_bound<Fp32Copy>(dst, src, n, aligned16(dst) && aligned16(src), device, stream_ptr);
+}
+
 float cuda_copy_bf16_absmax(uint16_t* dst, const float* src, size_t n, int device, void* stream_ptr) {
-  if (n == 0) return 0.0f;
-  DeviceGuard guard(device);
-  cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  DeviceScratch& s = scratch(device);
-  Word& w = s.absmax;
-  std::lock_guard<std::mutex> lk(w.mu);  // until the bound is read back (see DeviceScratch)
-  PYASGD_CUDA_CHECK(cudaMemsetAsync(w.dev, 0, sizeof(unsigned), stream));  // bits of +0.0f
-  const bool vec = aligned8(dst) && aligned16(src);  // 4 values: 16 bytes in, 8 bytes out
-  auto grid = [&](unsigned blocks) { return std::min(blocks, static_cast<unsigned>(s.blocks_cap)); };
-  launch_split(
-      n, vec,
-      [&](size_t b, size_t packs, unsigned blocks) {
-        copy_bf16_absmax_kernel<4><<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
-      },
-      [&](size_t b, size_t packs, unsigned blocks) {
-        copy_bf16_absmax_kernel<1><<<grid(blocks), kThreads, 0, stream>>>(dst, src, b, packs, w.dev);
-      });
-  PYASGD_CUDA_CHECK(cudaGetLastError());
-  PYASGD_CUDA_CHECK(cudaMemcpyAsync(w.host, w.dev, sizeof(unsigned), cudaMemcpyDeviceToHost, stream));
-  PYASGD_CUDA_CHECK(cudaStreamSynchronize(stream));  // the slot must be complete before its commit
-  float bound;
-  std::memcpy(&bound, w.host, sizeof(bound));
-  return bound;
+  // 4 values per step: 16 bytes in, 8 bytes out
+  return copy_with_bound<Bf16Copy>(dst, src, n, aligned8(dst) && aligned16(src), device, stream_ptr);
 }
 
 int cuda_device_count() {
