@@ -49,6 +49,18 @@ def become_child(name: str, *, on_parent_death: str = "die") -> None:
         _on_parent_death(signal.SIGUSR1, None)
 
 
+def run_reporting(queue, process: str, body, *args, **record) -> None:
+    """Run a child's body; on an exception send the launcher an error record (the process's
+    name, its traceback, any extra fields such as the worker's rank) and exit 1."""
+    import traceback
+
+    try:
+        body(*args)
+    except Exception:
+        queue.put({"kind": "error", "process": process, **record, "traceback": traceback.format_exc()})
+        raise SystemExit(1)
+
+
 def _on_parent_death(signum, frame) -> None:
     global _parent_gone
     _parent_gone = True

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ import torch
 from pyasgd import _ext
 from pyasgd.config import TrainConfig
 from pyasgd.optim import fused_adam_step
-from pyasgd.proc import become_child, parent_gone
+from pyasgd.proc import become_child, parent_gone, run_reporting
 from pyasgd.schedule import learning_rate
 
 
@@ -179,12 +178,7 @@ class ServerArgs:
 def server_main(args: ServerArgs) -> None:
     """The server process: collect G gradients, update, publish, until told to stop."""
     become_child("pyasgd-server", on_parent_death="flag")
-    q = args.queue
-    try:
-        _serve(args)
-    except Exception:
-        q.put({"kind": "error", "process": "server", "traceback": traceback.format_exc()})
-        raise SystemExit(1)
+    run_reporting(args.queue, "server", _serve, args)
 
 
 def _serve(args: ServerArgs) -> None:

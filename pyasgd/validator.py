@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
 
 from pyasgd.config import TrainConfig
-from pyasgd.proc import become_child
+from pyasgd.proc import become_child, run_reporting
 
 NICE = 10  # lower priority than the workers: validation takes only the cycles they leave
 
@@ -35,12 +34,7 @@ def validator_main(args: ValidatorArgs) -> None:
         os.nice(NICE)
     except OSError:
         pass  # a convenience: a validator at normal priority still works
-    q = args.queue
-    try:
-        _serve(args)
-    except Exception:
-        q.put({"kind": "error", "process": "validator", "traceback": traceback.format_exc()})
-        raise SystemExit(1)
+    run_reporting(args.queue, "validator", _serve, args)
 
 
 def _serve(args: ValidatorArgs) -> None:

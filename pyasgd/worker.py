@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from dataclasses import dataclass
 
 import torch
 
 from pyasgd import _ext
 from pyasgd.config import TrainConfig
-from pyasgd.proc import become_child
+from pyasgd.proc import become_child, run_reporting
 from pyasgd.run import local_gradient
 
 
@@ -33,12 +32,7 @@ def worker_main(args: WorkerArgs) -> None:
     threads = config.worker_threads()
     _ext.set_cpu_threads(threads)  # the push's copy runs on the kernels' pool
     torch.set_num_threads(threads)
-    try:
-        _work(args, config)
-    except Exception:
-        args.queue.put({"kind": "error", "process": f"worker {args.rank}", "worker": args.rank,
-                        "traceback": traceback.format_exc()})
-        raise SystemExit(1)
+    run_reporting(args.queue, f"worker {args.rank}", _work, args, config, worker=args.rank)
 
 
 def worker_name(rank: int) -> str:
