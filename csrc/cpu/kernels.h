@@ -52,6 +52,8 @@ const IsaKernels& isa();
 // 256K floats (1 MiB) per stream per tile: long contiguous streams per thread, still ~100 tiles
 // at 25M parameters to balance two threads that share cores with other work.
 constexpr size_t kTile = size_t{1} << 18;
+// Elements ahead that the Adam loop prefetches in each stream (4 KB of floats).
+constexpr size_t kPrefetch = 1024;
 // Below this, waking the thread pool costs more than it saves.
 constexpr size_t kParallelMin = size_t{1} << 17;
 
