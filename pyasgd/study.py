@@ -192,14 +192,31 @@ def cell_status(run_dir: str) -> str:
     return "unfinished" if os.path.isdir(run_dir) else "new"
 
 
+def studies_run(out: str) -> list[dict[str, Any]]:
+    """The study files run into `out`, in order, each with its spec and cells (from study.json;
+    a directory written before several studies could share one holds a single study)."""
+    path = os.path.join(out, STUDY)
+    if not os.path.isfile(path):
+        return []
+    data = rundir.read_json(path)
+    return data.get("studies", [data] if "study_file" in data else [])
+
+
+def record_study(out: str, path: str, spec: dict[str, Any], cells: list[Cell]) -> None:
+    """Add (or refresh) this study file's entry in study.json; other studies run into the same
+    directory (e.g. the paper's grid, then the beyond-the-paper one) keep theirs."""
+    entry = {"study_file": os.path.abspath(path), "spec": spec, "cells": [c.describe() for c in cells]}
+    studies = [s for s in studies_run(out) if s.get("study_file") != entry["study_file"]] + [entry]
+    rundir.write_json(os.path.join(out, STUDY), {"studies": studies})
+
+
 def run_study(path: str, out: str, jobs: int = 1, echo=print) -> int:
     """Run every unfinished cell; returns the number of cells that failed."""
     spec, cells = load_study(path)
     if jobs < 1:
         raise StudyError(f"--jobs: must be >= 1, got {jobs}")
     os.makedirs(out, exist_ok=True)
-    rundir.write_json(os.path.join(out, STUDY), {"study_file": os.path.abspath(path), "spec": spec,
-                                                 "cells": [c.describe() for c in cells]})
+    record_study(out, path, spec, cells)
     total = len(cells)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
 

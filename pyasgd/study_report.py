@@ -20,7 +20,7 @@ from collections import defaultdict
 from typing import Any
 
 from pyasgd import rundir
-from pyasgd.study import CELL, CELL_ERROR, STUDY, cell_status
+from pyasgd.study import CELL, CELL_ERROR, cell_status, studies_run
 
 DIVERGED_BLEU = 1.0  # best dev BLEU below this: the run never learned (the paper's 0.00 entries)
 TABLE4_METHODS = ("sync", "async", "async-global4")
@@ -357,10 +357,8 @@ def write_report(study_dir: str, targets: list[float] | None = None) -> str:
         raise ConfigError(f"{study_dir}: no cell directories (with {CELL}) to report; run pyasgd-study run first")
     rundir.write_json(os.path.join(study_dir, "report.json"),
                       [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
-    study = os.path.join(study_dir, STUDY)
-    title = os.path.basename(os.path.abspath(study_dir))
-    if os.path.isfile(study):
-        title = os.path.basename(rundir.read_json(study).get("study_file", title))
+    files = [os.path.basename(s["study_file"]) for s in studies_run(study_dir) if s.get("study_file")]
+    title = " + ".join(files) or os.path.basename(os.path.abspath(study_dir))
     counts = defaultdict(int)
     for r in rows:
         counts[r["status"]] += 1

@@ -97,6 +97,22 @@ seed = [1, 2]
 """
 
 
+def test_two_study_files_run_into_one_directory_are_both_recorded(tmp_path, run_main):
+    """As paper-cpu.toml then beyond-cpu.toml into one directory: study.json keeps both files'
+    cells and the report's title names both (a rerun of the first refreshes its own entry)."""
+    a, b, out = tmp_path / "a.toml", tmp_path / "b.toml", tmp_path / "out"
+    a.write_text(SYNTH.format(methods='["sync"]'))
+    b.write_text(SYNTH.format(methods='["async"]').replace("max_updates = 20", "max_updates = 8"))
+    for study in (a, b, a):
+        r = run_main(main, "run", study, "--out", out)
+        assert r.returncode == 0, r.stderr
+    studies = read_json(out / "study.json")["studies"]
+    assert [os.path.basename(s["study_file"]) for s in studies] == ["b.toml", "a.toml"]
+    assert [len(s["cells"]) for s in studies] == [2, 2]
+    assert (out / "report.md").read_text().startswith("# Study report: b.toml + a.toml")
+    assert len(read_json(out / "report.json")) == 4
+
+
 def test_a_failing_cell_is_recorded_and_the_others_complete(tmp_path, run_main):
     study = tmp_path / "s.toml"
     # "crash" passes the study's checks (its settings are well-formed) but fails when it runs:
