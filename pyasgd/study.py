@@ -35,7 +35,9 @@ import os
 import re
 import shutil
 import subprocess
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -217,6 +219,7 @@ def run_study(path: str, out: str, jobs: int = 1, echo=print) -> int:
         raise StudyError(f"--jobs: must be >= 1, got {jobs}")
     os.makedirs(out, exist_ok=True)
     record_study(out, path, spec, cells)
+    _STOPPING.clear()
     total = len(cells)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else 0
 
@@ -230,19 +233,52 @@ def run_study(path: str, out: str, jobs: int = 1, echo=print) -> int:
         t = time.monotonic()
         ok, message = run_cell(cell, run_dir, threads)
         took = time.monotonic() - t
-        echo(f"{tag}: {message} ({took:.0f} s)" if ok else f"{tag}: FAILED after {took:.0f} s: {message}")
+        if ok or _STOPPING.is_set():
+            echo(f"{tag}: {message} ({took:.0f} s)")
+        else:
+            echo(f"{tag}: FAILED after {took:.0f} s: {message}")
         return ok
 
     items = list(enumerate(cells, 1))
-    if jobs == 1:
-        results = [one(item) for item in items]
-    else:
-        with ThreadPoolExecutor(jobs) as pool:
-            results = list(pool.map(one, items))
+    pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
+    try:
+        results = list(pool.map(one, items)) if pool else [one(item) for item in items]
+    except BaseException:  # Ctrl-C or SIGTERM (see study_cli): stop the running cells first
+        stop_cells()
+        raise
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
     failed = results.count(False)
     echo(f"pyasgd-study: {total - failed} of {total} cells finished, {failed} failed; "
          f"pyasgd-study report {out}")
     return failed
+
+
+# The cells' processes now running, so that an interrupted study stops them (each saves its
+# checkpoint) instead of leaving them behind. They run in their own sessions: a Ctrl-C reaches
+# the study alone, which passes one SIGTERM to each (two signals would make a run stop unsaved).
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
+def stop_cells(timeout: float = 300.0) -> None:
+    """Ask every running cell to stop (SIGTERM: it saves a checkpoint and exits), start no more,
+    and wait for them; one that outlasts `timeout` is killed (its last periodic checkpoint stays)."""
+    _STOPPING.set()
+    with _LIVE_LOCK:
+        procs = list(_LIVE)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def run_cell(cell: Cell, run_dir: str, threads: int = 0) -> tuple[bool, str]:
@@ -266,9 +302,22 @@ def run_cell(cell: Cell, run_dir: str, threads: int = 0) -> tuple[bool, str]:
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    with open(os.path.join(run_dir, CELL_LOG), "a", encoding="utf-8") as log:
-        proc = subprocess.run([sys.executable, "-m", "pyasgd.cli", *argv], stdout=subprocess.PIPE,
-                              stderr=log, text=True, env=env)
+    with open(os.path.join(run_dir, CELL_LOG), "a", encoding="utf-8") as log, _LIVE_LOCK:
+        if _STOPPING.is_set():
+            return False, "not started: the study is stopping"
+        proc = subprocess.Popen([sys.executable, "-m", "pyasgd.cli", *argv], stdout=subprocess.DEVNULL,
+                                stderr=log, env=env, start_new_session=True)
+        _LIVE.add(proc)
+    try:
+        proc.wait()
+    except BaseException:  # interrupted in this thread (--jobs 1): stop the cell before leaving it
+        stop_cells()
+        raise
+    finally:
+        with _LIVE_LOCK:
+            _LIVE.discard(proc)
+    if _STOPPING.is_set():
+        return False, f"stopped (exit code {proc.returncode}); run the study again to resume it"
     if proc.returncode == 0 and os.path.isfile(os.path.join(run_dir, rundir.SUMMARY)):
         s = rundir.read_json(os.path.join(run_dir, rundir.SUMMARY))
         return True, _result_line(s, resumed=resumable)

@@ -3,11 +3,16 @@ pyasgd.study_report (its tables and figures). See pyasgd/study.py for the study 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from pyasgd import study
 from pyasgd.errors import ConfigError
 from pyasgd.study_report import write_report
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.command == "run":
-            failed = study.run_study(args.study, args.out, args.jobs)
+            previous = signal.signal(signal.SIGTERM, _interrupt)  # as Ctrl-C: running cells save and stop
+            try:
+                failed = study.run_study(args.study, args.out, args.jobs)
+            finally:
+                signal.signal(signal.SIGTERM, previous)
             if not args.no_report:
                 print(f"pyasgd-study: report in {write_report(args.out)}")
             return 1 if failed else 0
@@ -41,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyasgd-study: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pyasgd-study: interrupted; run the same command again to go on", file=sys.stderr)
+        print("pyasgd-study: interrupted; the running cells saved their checkpoints and stopped; "
+              "run the same command again to go on", file=sys.stderr)
         return 130
 
 

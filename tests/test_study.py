@@ -3,8 +3,10 @@ cell, and study files that must fail before any cell runs."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -95,6 +97,36 @@ save_every = 10
 method = {methods}
 seed = [1, 2]
 """
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_an_interrupted_study_stops_its_cells_and_resumes_them(tmp_path, jobs):
+    """SIGTERM (as Ctrl-C) to `pyasgd-study run`: every running cell saves its checkpoint and
+    stops, no cell process outlives the study, none is marked failed, and the same command
+    resumes them to the end."""
+    study, out = tmp_path / "s.toml", tmp_path / "out"
+    slow = "max_updates = 150\ncompute_delay = 0.04"  # about 12 s a cell: long enough to interrupt
+    study.write_text(SYNTH.format(methods='["sync"]').replace("max_updates = 20", slow)
+                     .replace("save_every = 10", "save_every = 5"))
+    cmd = [sys.executable, "-m", "pyasgd.study_cli", "run", str(study), "--out", str(out), "--jobs", str(jobs)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running = 2 if jobs == 2 else 1
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("*/checkpoint.pt"))) < running and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(list(out.glob("*/checkpoint.pt"))) >= running, "the cells never saved a checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "saved their checkpoints" in stderr and "FAILED" not in stdout
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"cell processes left behind: {left}"
+    assert not list(out.glob("*/cell-error.txt"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("resumed and finished") == running
+    for d in out.glob("*/"):
+        assert read_json(d / "summary.json")["updates"] == 150
 
 
 def test_two_study_files_run_into_one_directory_are_both_recorded(tmp_path, run_main):
