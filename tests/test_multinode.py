@@ -36,11 +36,13 @@ def node_args(tmp_path, rank, port, *extra, name="run"):
             "--out", str(tmp_path / f"{name}{rank}"), *map(str, extra)]
 
 
-def start_nodes(tmp_path, *extra, ranks=(0, 1), port=None, per_node=None, name="run"):
-    """One launcher per node rank, started together; returns (port, processes)."""
+def start_nodes(tmp_path, *extra, ranks=(0, 1), port=None, per_node=None, name="run", env=None):
+    """One launcher per node rank, started together; returns (port, processes). `env` maps a
+    rank to extra environment variables."""
     port = port or free_port()
-    per_node = per_node or {}
+    per_node, env = per_node or {}, env or {}
     procs = [subprocess.Popen(node_args(tmp_path, r, port, *extra, *per_node.get(r, ()), name=name),
+                              env={**os.environ, **env.get(r, {})},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in ranks]
     return port, procs
 
@@ -245,7 +247,7 @@ def wait_training(tmp_path, procs, name="run"):
     deadline = time.time() + 120
     while time.time() < deadline:
         paths = [tmp_path / f"{name}{r}" / "metrics.jsonl" for r in (0, 1)]
-        if all(p.exists() and '"update"' in p.read_text() for p in paths):
+        if all(p.exists() and '"kind":"update"' in p.read_text() for p in paths):
             return
         if any(p.poll() is not None for p in procs):
             break
@@ -288,3 +290,54 @@ def test_a_killed_node_stops_the_other_cleanly_and_the_pair_resumes(tmp_path):
     assert torch.equal(resumed[0]["params"], resumed[1]["params"])
     summary = read_json(tmp_path / "run0" / "summary.json")
     assert summary["updates"] == step + 10 and summary["stopped_because"] == "max_updates"
+
+
+@pytest.mark.slow
+def test_a_whole_node_killed_at_once_is_named_by_its_silence(tmp_path):
+    """Every process of node 1 SIGKILLed together (a machine lost): node 0's collective fails at
+    once, it saves, and its launcher names node 1 from the missing heartbeat within --timeout."""
+    from pyasgd.exchange import SharedRegion
+
+    timeout = 20  # a node is lost after timeout / 2 s without a heartbeat
+    args = ("--max-updates", "100000", "--max-time", "0", "--timeout", timeout, "--compute-delay", "0.005")
+    port = free_port()
+    procs = [subprocess.Popen(node_args(tmp_path, r, port, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True) for r in (0, 1)]
+    wait_training(tmp_path, procs)
+    kids = children(procs[0].pid) + children(procs[1].pid)
+    t = time.monotonic()
+    os.killpg(procs[1].pid, signal.SIGKILL)
+    (code0, _, err0), _ = finish(procs, timeout=timeout + 60)
+    assert code0 == 1, err0
+    assert time.monotonic() - t < timeout + 15
+    assert "node 1 stopped responding" in err0, err0
+    assert checkpoint.load(str(tmp_path / "run0" / "checkpoint.pt"))["server"]["step"] > 0
+    assert_all_gone(kids)
+    assert not segments_of([procs[0].pid])
+    SharedRegion.create(1, 1).close()  # node 1 died with its segment: the next run's create() sweeps it
+    assert not segments_of([procs[1].pid])
+
+
+@pytest.mark.slow
+def test_a_failing_node_fails_the_other_naming_it(tmp_path):
+    _, procs = start_nodes(tmp_path, "--max-updates", "100000", "--max-time", "0", "--max-restarts", "0",
+                           "--timeout", "30", env={1: {"PYASGD_TEST_FAULT": "raise:1:20"}})
+    (code0, _, err0), (code1, _, err1) = finish(procs, timeout=120)
+    assert code1 == 1 and "injected fault in worker 1" in err1, err1
+    assert code0 == 1, err0
+    assert "node 1 failed: worker 1 failed" in err0, err0
+    steps = [checkpoint.load(str(tmp_path / f"run{r}" / "checkpoint.pt"))["server"]["step"] for r in (0, 1)]
+    assert steps[0] == steps[1] > 0
+
+
+@pytest.mark.slow
+def test_an_interrupted_node_stops_the_other_after_the_same_update(tmp_path):
+    _, procs = start_nodes(tmp_path, "--max-updates", "100000", "--max-time", "0", "--timeout", "30")
+    wait_training(tmp_path, procs)
+    procs[1].send_signal(signal.SIGINT)  # node 1 ends its part (as Ctrl-C would): node 0 stops with it
+    (code0, _, err0), (code1, _, err1) = finish(procs, timeout=90)
+    assert code1 == 130, err1
+    assert code0 == 0, err0
+    assert read_json(tmp_path / "run0" / "summary.json")["stopped_because"] == "node 1 stopped (interrupted)"
+    steps = [checkpoint.load(str(tmp_path / f"run{r}" / "checkpoint.pt"))["server"]["step"] for r in (0, 1)]
+    assert steps[0] == steps[1] > 0
