@@ -240,8 +240,9 @@ class TrainConfig:
                  f"a multi-node run needs node 0's TCP port (1..65535), got {self.master_port}")
             need(bool(self.master_addr.strip()), "master_addr", "give node 0's address (a host name or IP)")
             need(not self.simulate, "nnodes", "--simulate runs every worker in one process; drop --nnodes")
-            need(self.mode == "sync", "nnodes", "asynchronous training across nodes (the sharded server) is not "
-                 "implemented yet; use --mode sync, or one node")
+            need(not (self.mode == "async" and self.clip_norm > 0), "clip_norm",
+                 "the sharded server across nodes cannot clip the global norm (each node holds one shard of the "
+                 "gradient); drop --clip-norm or use --mode sync")
         need(self.local_accum >= 1, "local_accum", f"must be >= 1, got {self.local_accum}")
         need(self.pull_every >= 1, "pull_every", f"must be >= 1, got {self.pull_every}")
         if self.global_accum is not None:

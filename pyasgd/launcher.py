@@ -72,7 +72,8 @@ class Launcher:
         self.stop_code = ctx.Value("i", 0, lock=False)  # 2: the run failed (the server votes so across nodes)
         self.procs: list = []  # the server first, then the workers
         self.region = None
-        self.ready = 0             # workers that reported ready
+        self.ready = 0             # workers (and, across nodes, the server) that reported ready
+        self.server_extra: dict = {}  # summary fields the server reports at its end
         self.server_done = False   # the server wrote its last checkpoint
         self.failure = ""          # what went wrong, with a traceback where there is one
         self.worker_errors: dict[int, str] = {}  # rank -> traceback it reported before dying
@@ -94,8 +95,8 @@ class Launcher:
         # them (torch's idle OpenMP threads spin, which starves the workers on small machines).
         torch.set_num_threads(1)
         resume = checkpoint.load(self.ckpt_path) if c.resume else None
-        if resume is not None:
-            flat.params.copy_(resume["server"]["params"])
+        if resume is not None:  # a shard's owner kept its view of every shard; its server reassembles them
+            flat.params.copy_(resume["view"] if "view" in resume else resume["server"]["params"])
             log.updates = self.last_checkpoint = int(resume["server"]["step"])
             log.restore(resume.get("progress"), clocks=False)
         # Across nodes a server holds only its own node's N gradients of a round.
@@ -151,7 +152,8 @@ class Launcher:
             wall = (train_end or time.monotonic()) - self.start
             if stopped_because:
                 because = f"failed: {self.failure.splitlines()[0]}" if self.failure else stopped_because
-                summary = finish(log, self.run_dir, stopped_because=because, wall_s=wall, extra=extra)
+                summary = finish(log, self.run_dir, stopped_because=because, wall_s=wall,
+                                 extra={**self.server_extra, **extra})
                 if self.nodes is not None:  # node 0's summary.json is the global one
                     summary = self.nodes.gather(summary, wait=10.0 if self.failure else None)
                     if self.nodes.rank == 0:
@@ -256,12 +258,16 @@ class Launcher:
             self.last_checkpoint = r["update"]
         elif kind == "server_done":
             self.server_done = True
+            if "shard" in r:  # the sharded server's counts (pyasgd/sharded.py)
+                self.server_extra["shard"] = r["shard"]
             return self._node_stopped(r["reason"]) if r["reason"].startswith("node ") else r["reason"]
         elif kind == "worker_done":
             return "max_epochs"
-        elif kind == "ready":
+        elif kind in ("ready", "server_ready"):
             self.ready += 1
-            if self.ready == self.config.workers:  # everyone has started: the clock starts now
+            # Everyone has started (across nodes, the server too: its group with the other nodes
+            # is formed and the parameters are assembled): the clock starts now.
+            if self.ready == self.config.workers + (self.config.nnodes > 1):
                 self.go.set()
                 self.start = self.log.t0 = time.monotonic()
         return ""

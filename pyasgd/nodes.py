@@ -270,21 +270,29 @@ SUMMED = ("tokens", "gradients", "wps", "dropped_gradients", "worker_compute_s",
 
 def merge_summaries(per_node: dict[int, dict[str, Any]], size: int) -> dict[str, Any]:
     """Node 0's summary over every node: sums of what each node counts for its own workers
-    (tokens, words per second, ...), the staleness histogram of all M x N workers, and each
-    node's own figures under "nodes" (a node that sent none is listed as missing)."""
+    (tokens, words per second, ...; with the sharded server node 0's, whose shard saw every
+    gradient once), the staleness histogram of every gradient (per shard with the sharded
+    server), and each node's own figures under "nodes" (a node that sent none is listed as
+    missing)."""
     out = dict(per_node[0])
     hist: dict[str, int] = {}
     for s in per_node.values():
         for k, v in (s.get("staleness_hist") or {}).items():
             hist[k] = hist.get(k, 0) + v
+    # With the sharded server every gradient reaches every shard's owner: node 0 (shard 0)
+    # counted each gradient's tokens once, the other nodes counted the same ones again.
+    sharded = "shard" in per_node[0]
     for key in SUMMED:
+        if sharded and key in ("tokens", "gradients", "wps"):
+            continue
         values = [s.get(key) for s in per_node.values()]
         if all(v is not None for v in values):
             out[key] = round(sum(values), 3) if isinstance(values[0], float) else sum(values)
     n = sum(hist.values())
     out["staleness_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
     out["avg_staleness"] = sum(int(k) * v for k, v in hist.items()) / n if n else None
-    keep = ("updates", "tokens", "wps", "avg_staleness", "staleness_hist", "wall_s", "stopped_because", "run_dir")
+    keep = ("updates", "tokens", "wps", "avg_staleness", "staleness_hist", "wall_s", "stopped_because", "run_dir",
+            "shard")
     out["nodes"] = [{"node_rank": p, **{k: per_node[p].get(k) for k in keep}} if p in per_node
                     else {"node_rank": p, "missing": True} for p in range(size)]
     return out

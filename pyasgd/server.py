@@ -197,15 +197,21 @@ def _serve(args: ServerArgs) -> None:
         # A CPU server's parameters are the published ones (the front buffer, read in place); a
         # CUDA server keeps a master copy on its GPU, starting from what the launcher published.
         in_region = config.server_device == "cpu"
+        # Asynchronous across nodes, this server owns one contiguous shard of the parameters.
+        lo, hi = 0, region.n
+        if config.nnodes > 1 and config.mode == "async":
+            from pyasgd.sharded import shard_bounds
+
+            lo, hi = shard_bounds(region.n, config.nnodes)[config.node_rank]
         if in_region:
-            up = Updater(config, region.front(), keep_master=False)
+            up = Updater(config, region.front()[lo:hi], keep_master=False)
         else:
             init = torch.empty(region.n)
             region.pull(init)
-            up = Updater(config, init, config.server_device)
+            up = Updater(config, init[lo:hi], config.server_device)
 
         def current() -> torch.Tensor | None:
-            return region.front() if in_region else None
+            return region.front()[lo:hi] if in_region else None
 
         resumed = {}
         if args.resume_state:
@@ -227,19 +233,25 @@ def _serve(args: ServerArgs) -> None:
         def save() -> None:
             from pyasgd import checkpoint
 
-            checkpoint.save_atomic({"server": up.state_dict(current=current()), "version": region.version,
-                                    "positions": torch.tensor(positions, dtype=torch.int64),
-                                    "progress": dict(progress),
-                                    "config": repr(config)}, args.checkpoint_path)
+            state = {"server": up.state_dict(current=current()), "version": region.version,
+                     "positions": torch.tensor(positions, dtype=torch.int64),
+                     "progress": dict(progress), "config": repr(config)}
+            if (lo, hi) != (0, region.n):  # a shard's owner: its part, and this node's view of the rest
+                state["shard"] = {"index": config.node_rank, "lo": lo, "hi": hi, "nnodes": config.nnodes}
+                state["view"] = region.front().clone() if in_region else _pulled(region)
+            checkpoint.save_atomic(state, args.checkpoint_path)
             q.put({"kind": "checkpoint", "update": up.step, "path": args.checkpoint_path})
 
-        if config.nnodes > 1:
+        extra = {}
+        if config.nnodes > 1 and config.mode == "async":
+            reason, extra = _serve_shard(args, region, up, current, positions, progress, save, t0, resumed)
+        elif config.nnodes > 1:
             reason = _serve_across_nodes(args, region, up, current, positions, progress, save, t0)
         else:
             reason = _serve_one_node(args, region, up, current, positions, progress, save, t0)
         save()
         q.put({"kind": "server_done", "reason": reason, "update": up.step, "dropped": up.dropped,
-               "skipped": up.skipped})
+               "skipped": up.skipped, **extra})
     finally:
         region.close()
         if parent_gone():
@@ -311,6 +323,7 @@ def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, position
     group = NodeGroup(config)
     if args.resume_state:
         _agree_on_resume(group, region, up, current)
+    q.put({"kind": "server_ready"})
     local = torch.empty(region.n)
     buf = torch.empty(region.n + config.nnodes + 1)
     held: list = []  # this round's local gradients, taken one at a time
@@ -406,3 +419,36 @@ def _agree_on_resume(group, region, up: Updater, current) -> None:
     up.exp_avg.copy_(state[1])
     up.exp_avg_sq.copy_(state[2])
     up.step = step
+
+
+def _pulled(region) -> torch.Tensor:
+    t = torch.empty(region.n)
+    region.pull(t)
+    return t
+
+
+def _serve_shard(args: ServerArgs, region, up: Updater, current, positions, progress, save, t0,
+                 resumed: dict) -> tuple[str, dict]:
+    """Asynchronous SGD across nodes: this server owns one shard (pyasgd/sharded.py). Returns why
+    it stopped and the shard's counts (the server_done record's "shard")."""
+    from pyasgd.internode import NodeGroup, NodeLostError
+    from pyasgd.sharded import ShardServer, shard_bounds
+
+    config = args.config
+    if resumed:
+        got = resumed.get("shard") or {}
+        if got.get("nnodes") != config.nnodes or got.get("index") != config.node_rank:
+            raise RuntimeError(f"the checkpoint holds shard {got.get('index')} of {got.get('nnodes')} nodes, not "
+                               f"shard {config.node_rank} of {config.nnodes}: resume with the same --nnodes and "
+                               "--node-rank")
+    group = NodeGroup(config)
+    server = ShardServer(args, region, up, current, positions, progress, t0, save, group,
+                         shard_bounds(region.n, config.nnodes))
+    server.start(resume_steps=[] if resumed else None)
+    args.queue.put({"kind": "server_ready"})
+    try:
+        reason = server.run()
+    except NodeLostError:
+        save()  # this shard as it stands: the pair resumes from the shards' checkpoints
+        raise
+    return reason, {"shard": server.stats}

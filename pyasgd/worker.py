@@ -80,6 +80,8 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
     torch.manual_seed(config.seed * 1_000_003 + everyone * 10_007 + cursor.epoch * 101 + cursor.index)
     data = task.batches(everyone, config.total_workers, cursor)
     sync, U, k = config.mode == "sync", config.pull_every, config.local_accum
+    if not sync and config.nnodes > 1 and U > 1:
+        U *= config.nnodes  # the sharded server publishes each of the M shards' updates as a version
     compute_s = wait_s = 0.0
     slowdown = config.slowdowns().get(rank, 1.0)  # a slower accelerator, emulated by sleeping
     fault = _fault(rank)
