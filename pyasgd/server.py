@@ -230,6 +230,8 @@ def _serve(args: ServerArgs) -> None:
         progress = {"tokens": 0, "gradients": 0, "vtime": None, "elapsed": 0.0, "valid_s": 0.0}
         progress.update(resumed.get("progress") or {})
 
+        kept_too: dict = {}  # more for the checkpoint (the sharded server's counts)
+
         def save() -> None:
             from pyasgd import checkpoint
 
@@ -239,12 +241,14 @@ def _serve(args: ServerArgs) -> None:
             if (lo, hi) != (0, region.n):  # a shard's owner: its part, and this node's view of the rest
                 state["shard"] = {"index": config.node_rank, "lo": lo, "hi": hi, "nnodes": config.nnodes}
                 state["view"] = region.front().clone() if in_region else _pulled(region)
+            state.update(kept_too)
             checkpoint.save_atomic(state, args.checkpoint_path)
             q.put({"kind": "checkpoint", "update": up.step, "path": args.checkpoint_path})
 
         extra = {}
         if config.nnodes > 1 and config.mode == "async":
-            reason, extra = _serve_shard(args, region, up, current, positions, progress, save, t0, resumed)
+            reason, extra = _serve_shard(args, region, up, current, positions, progress, save, t0, resumed,
+                                         kept_too)
         elif config.nnodes > 1:
             reason = _serve_across_nodes(args, region, up, current, positions, progress, save, t0)
         else:
@@ -428,9 +432,10 @@ def _pulled(region) -> torch.Tensor:
 
 
 def _serve_shard(args: ServerArgs, region, up: Updater, current, positions, progress, save, t0,
-                 resumed: dict) -> tuple[str, dict]:
+                 resumed: dict, kept_too: dict) -> tuple[str, dict]:
     """Asynchronous SGD across nodes: this server owns one shard (pyasgd/sharded.py). Returns why
-    it stopped and the shard's counts (the server_done record's "shard")."""
+    it stopped and the shard's counts (the server_done record's "shard", and the checkpoint's
+    "shard_stats", which outlives a killed launcher)."""
     from pyasgd.internode import NodeGroup, NodeLostError
     from pyasgd.sharded import ShardServer, shard_bounds
 
@@ -444,6 +449,7 @@ def _serve_shard(args: ServerArgs, region, up: Updater, current, positions, prog
     group = NodeGroup(config)
     server = ShardServer(args, region, up, current, positions, progress, t0, save, group,
                          shard_bounds(region.n, config.nnodes))
+    kept_too["shard_stats"] = server.stats  # the same dict: the checkpoint has the counts as they stand
     server.start(resume_steps=[] if resumed else None)
     args.queue.put({"kind": "server_ready"})
     try:
