@@ -448,7 +448,7 @@ def _serve_shard(args: ServerArgs, region, up: Updater, current, positions, prog
                                "--node-rank")
     group = NodeGroup(config)
     server = ShardServer(args, region, up, current, positions, progress, t0, save, group,
-                         shard_bounds(region.n, config.nnodes))
+                         shard_bounds(region.n, config.nnodes), update_record)
     kept_too["shard_stats"] = server.stats  # the same dict: the checkpoint has the counts as they stand
     server.start(resume_steps=[] if resumed else None)
     args.queue.put({"kind": "server_ready"})

@@ -135,11 +135,11 @@ class ShardServer:
     workers' gradients. `run()` returns why it stopped; a lost node raises NodeLostError."""
 
     def __init__(self, args, region, up, current, positions: list[int], progress: dict, t0: float, save,
-                 group: NodeGroup, bounds: list[tuple[int, int]]) -> None:
+                 group: NodeGroup, bounds: list[tuple[int, int]], record) -> None:
         self.args, self.config, self.q = args, args.config, args.queue
         self.region, self.up, self.current, self.positions, self.progress, self.t0 = (
             region, up, current, positions, progress, t0)
-        self.save = save
+        self.save, self.record = save, record  # record: server.update_record (the server's record format)
         self.group, self.bounds = group, bounds
         self.R, self.M = group.rank, group.size
         self.lo, self.hi = bounds[self.R]
@@ -367,8 +367,6 @@ class ShardServer:
         return self._apply()
 
     def _apply(self) -> int:
-        from pyasgd.server import update_record
-
         batch, self.held = self.held, []
         staleness = [self.sv[self.R] - x["version"] for x in batch]
         res = None
@@ -385,7 +383,7 @@ class ShardServer:
         self.progress["tokens"] += sum(x["tokens"] for x in batch)
         if res.applied:
             self.progress["gradients"] += kept
-        rec = update_record(self.up.step, self.region.version, res, staleness, [x["tokens"] for x in batch],
+        rec = self.record(self.up.step, self.region.version, res, staleness, [x["tokens"] for x in batch],
                             [x["loss"] for x in batch], [x["worker"] for x in batch], self.t0)
         self.q.put({**rec, "shard": self.R})
         if not res.applied:

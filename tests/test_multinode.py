@@ -102,7 +102,7 @@ def base(**kw):
     (dict(nnodes=2, master_port=70000), "--master-port"),
     (dict(nnodes=2, master_port=29500, master_addr=" "), "--master-addr"),
     (dict(nnodes=2, master_port=29500, simulate=True), "--nnodes"),
-    (dict(nnodes=2, master_port=29500, mode="async"), "--nnodes"),
+    (dict(nnodes=2, master_port=29500, mode="async", clip_norm=1.0), "--clip-norm"),
     (dict(nnodes=2, master_port=29500, global_accum=2), "--global-accum"),
 ])
 def test_bad_node_settings_name_the_option(kw, option):
