@@ -407,3 +407,21 @@ def test_an_interrupted_node_stops_the_other_after_the_same_update(tmp_path):
     assert read_json(tmp_path / "run0" / "summary.json")["stopped_because"] == "node 1 stopped (interrupted)"
     steps = [checkpoint.load(str(tmp_path / f"run{r}" / "checkpoint.pt"))["server"]["step"] for r in (0, 1)]
     assert steps[0] == steps[1] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_launches_the_nodes(tmp_path):
+    """torchrun --nproc-per-node 1 on each node: pyasgd-train reads RANK, WORLD_SIZE, MASTER_ADDR
+    and MASTER_PORT, and shares the store torchrun's agent hosts on MASTER_PORT."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "pyasgd.cli", "--task", "synthetic", "--mode", "sync", "--workers", "2",
+                               "--max-updates", "5", "--threads", "1", "--quiet", "--no-valid-process",
+                               "--valid-every", "0", "--timeout", "60", "--out", str(tmp_path / f"run{r}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for code, out, err in finish(procs):
+        assert code == 0, err
+    summary = read_json(tmp_path / "run0" / "summary.json")
+    assert summary["nnodes"] == 2 and summary["updates"] == 5 and len(summary["nodes"]) == 2
+    assert read_json(tmp_path / "run1" / "config.json")["node_rank"] == 1
