@@ -258,8 +258,7 @@ class Launcher:
             self.last_checkpoint = r["update"]
         elif kind == "server_done":
             self.server_done = True
-            if "shard" in r:  # the sharded server's counts (pyasgd/sharded.py)
-                self.server_extra["shard"] = r["shard"]
+            self._server_counts(r)
             return self._node_stopped(r["reason"]) if r["reason"].startswith("node ") else r["reason"]
         elif kind == "worker_done":
             return "max_epochs"
@@ -271,6 +270,12 @@ class Launcher:
                 self.go.set()
                 self.start = self.log.t0 = time.monotonic()
         return ""
+
+    def _server_counts(self, r: dict) -> None:
+        """What a server across nodes counted (pyasgd/sharded.py, server.py), for the summary."""
+        for key in ("shard", "internode"):
+            if key in r:
+                self.server_extra[key] = r[key]
 
     def _node_stopped(self, reason: str) -> str:
         """Another node ended the round ("node R failed" or "node R stopped"): fail naming it, or
@@ -347,7 +352,9 @@ class Launcher:
         while server is not None and not self.server_done and server.is_alive() and time.monotonic() < deadline:
             for r in _drain(self.queue, 0.05):
                 self.log.record(r)
-                self.server_done = self.server_done or r["kind"] == "server_done"
+                if r["kind"] == "server_done":
+                    self.server_done = True
+                    self._server_counts(r)
         self.region.shutdown()
         if self.validator is not None:
             if self.inflight is not None:

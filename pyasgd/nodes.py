@@ -292,7 +292,7 @@ def merge_summaries(per_node: dict[int, dict[str, Any]], size: int) -> dict[str,
     out["staleness_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
     out["avg_staleness"] = sum(int(k) * v for k, v in hist.items()) / n if n else None
     keep = ("updates", "tokens", "wps", "avg_staleness", "staleness_hist", "wall_s", "stopped_because", "run_dir",
-            "shard")
+            "shard", "internode")
     out["nodes"] = [{"node_rank": p, **{k: per_node[p].get(k) for k in keep}} if p in per_node
                     else {"node_rank": p, "missing": True} for p in range(size)]
     return out

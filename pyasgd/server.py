@@ -250,7 +250,7 @@ def _serve(args: ServerArgs) -> None:
             reason, extra = _serve_shard(args, region, up, current, positions, progress, save, t0, resumed,
                                          kept_too)
         elif config.nnodes > 1:
-            reason = _serve_across_nodes(args, region, up, current, positions, progress, save, t0)
+            reason, extra = _serve_across_nodes(args, region, up, current, positions, progress, save, t0)
         else:
             reason = _serve_one_node(args, region, up, current, positions, progress, save, t0)
         save()
@@ -315,11 +315,13 @@ def _serve_one_node(args: ServerArgs, region, up: Updater, current, positions, p
     return reason
 
 
-def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, positions, progress, save, t0) -> str:
+def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, positions, progress, save,
+                        t0) -> tuple[str, dict]:
     """Synchronous SGD across M nodes (pyasgd/internode.py): collect this node's N gradients, sum
     them (stale policy applied per gradient), all-reduce the node sums with every node's stop
-    vote, and apply the same update as every other node. Returns why it stopped; a lost node
-    raises NodeLostError after the checkpoint is saved."""
+    vote, and apply the same update as every other node. Returns why it stopped and what it
+    measured (the server_done record's "internode"); a lost node raises NodeLostError after the
+    checkpoint is saved."""
     from pyasgd.exchange import RegionClosedError, RegionTimeoutError, SharedRegion
     from pyasgd.internode import FAIL, GO, STOP, NodeGroup, NodeLostError, weighted_sum
 
@@ -328,6 +330,7 @@ def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, position
     if args.resume_state:
         _agree_on_resume(group, region, up, current)
     q.put({"kind": "server_ready"})
+    written, rounds = _bytes_written(), 0
     local = torch.empty(region.n)
     buf = torch.empty(region.n + config.nnodes + 1)
     held: list = []  # this round's local gradients, taken one at a time
@@ -366,10 +369,11 @@ def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, position
                 if batch is not None:
                     region.release(batch)
                 raise
+            rounds += 1
             if any(v != GO for v in votes):  # a node stops: the round is void everywhere
                 if batch is not None:
                     region.release(batch)
-                return _why_nodes_stop(votes, R)
+                return _why_nodes_stop(votes, R), _measured(written, rounds)
             held = []
             front = current()
             back, res = region.begin_update(), None
@@ -391,10 +395,26 @@ def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, position
             if res.applied and config.save_every and up.step % config.save_every == 0:
                 save()
             if config.max_updates and up.step >= config.max_updates:
-                return "max_updates"
+                return "max_updates", _measured(written, rounds)
     except NodeLostError:
         save()  # the last update every node applied: the pair resumes from here
         raise
+
+
+def _bytes_written() -> int | None:
+    """This process's bytes written so far (/proc/self/io wchar: sockets, pipes and files)."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _measured(since: int | None, rounds: int) -> dict:
+    now = _bytes_written()
+    return {"internode": {"rounds": rounds, "bytes_written": None if since is None or now is None else now - since,
+                          "how": "/proc/self/io wchar of the server: its gloo socket writes, plus its records to "
+                                 "the launcher (a few hundred bytes per update)"}}
 
 
 def _why_nodes_stop(votes: list[float], me: int) -> str:
