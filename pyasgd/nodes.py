@@ -127,29 +127,32 @@ class Nodes:
         store = connect_store(config, host=config.node_rank == 0 and not agent_store(), timeout=t)
         self = cls(config, store)
         R, M = self.rank, self.size
-        store.set(f"config/{R}", json.dumps(agreement(config), sort_keys=True))
-        keys = [f"config/{p}" for p in range(M)]
-        while True:
-            missing = [p for p, k in enumerate(keys) if not store.check([k])]
-            if not missing:
-                break
-            if time.monotonic() > deadline:
-                raise RendezvousError(f"node(s) {', '.join(map(str, missing))} of --nnodes {M} did not join the "
+        if store.add(f"rank/{R}", 1) > 1:
+            raise RendezvousError(f"--node-rank: another node was already started with --node-rank {R}; give each of "
+                                  f"the {M} nodes its own rank in 0..{M - 1}")
+        mine = agreement(config)
+        store.set(f"config/{R}", json.dumps(mine, sort_keys=True))
+        # Compare with each node's settings as soon as they arrive: a disagreement (even in
+        # --nnodes) fails at once, without waiting for nodes that may never come.
+        pending = [p for p in range(M) if p != R]
+        while pending:
+            for p in [p for p in pending if store.check([f"config/{p}"])]:
+                pending.remove(p)
+                theirs = json.loads(store.get(f"config/{p}"))
+                name = first_difference(mine, theirs)
+                if name is not None:
+                    opt = "--" + name.replace("_", "-")
+                    raise RendezvousError(
+                        f"{opt}: node {R} has {mine[name]!r} but node {p} has {theirs.get(name)!r}; every node must be "
+                        f"started with the same {opt} (only {', '.join('--' + n.replace('_', '-') for n in PER_NODE)} "
+                        "may differ)")
+            if pending and time.monotonic() > deadline:
+                raise RendezvousError(f"node(s) {', '.join(map(str, pending))} of --nnodes {M} did not join the "
                                       f"rendezvous at {config.master_addr}:{config.master_port} within --timeout "
                                       f"{t:g} s: start one pyasgd-train per node with the same --master-addr and "
                                       "--master-port, each with its own --node-rank")
-            time.sleep(0.1)
-        mine = agreement(config)
-        for p in range(M):
-            if p == R:
-                continue
-            theirs = json.loads(store.get(keys[p]))
-            name = first_difference(mine, theirs)
-            if name is not None:
-                opt = "--" + name.replace("_", "-")
-                raise RendezvousError(f"{opt}: node {R} has {mine[name]!r} but node {p} has {theirs.get(name)!r}; "
-                                      f"every node must be started with the same {opt} (only "
-                                      f"{', '.join('--' + n.replace('_', '-') for n in PER_NODE)} may differ)")
+            if pending:
+                time.sleep(0.1)
         store.set(f"beat/{R}", "0")
         self._thread = threading.Thread(target=self._watch, name="pyasgd-heartbeat", daemon=True)
         self._thread.start()

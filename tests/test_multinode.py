@@ -188,13 +188,28 @@ def test_a_node_that_never_comes_fails_node_0_naming_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_disagreeing_configurations_fail_at_rendezvous_naming_the_field(tmp_path):
-    _, procs = start_nodes(tmp_path, "--timeout", "20", "--max-updates", "5", per_node={1: ["--seed", "7"]})
+@pytest.mark.parametrize("option, value, default", [("seed", "7", "1"), ("nnodes", "3", "2")])
+def test_disagreeing_configurations_fail_at_rendezvous_naming_the_field(tmp_path, option, value, default):
+    t = time.monotonic()
+    _, procs = start_nodes(tmp_path, "--timeout", "60", "--max-updates", "5", per_node={1: [f"--{option}", value]})
     results = finish(procs, timeout=90)
     for rank, (code, out, err) in enumerate(results):
         assert code == 2, err
-        assert "--seed: node" in err and "every node must be started with the same --seed" in err
-    assert "node 1 has 7 but node 0 has 1" in results[1][2]
+        assert f"--{option}: node" in err and f"every node must be started with the same --{option}" in err
+    assert f"node 1 has {value} but node 0 has {default}" in results[1][2]
+    assert time.monotonic() - t < 40  # at once, not after --timeout
+    assert not (tmp_path / "run0").exists() and not (tmp_path / "run1").exists()
+
+
+@pytest.mark.slow
+def test_two_nodes_with_one_rank_fail_naming_it(tmp_path):
+    port, procs = start_nodes(tmp_path, "--timeout", "60", "--max-updates", "5")
+    _, (twin,) = start_nodes(tmp_path, "--timeout", "60", "--max-updates", "5", ranks=(1,), port=port, name="twin")
+    results = finish([*procs, twin], timeout=180)
+    codes = [code for code, _, _ in results]
+    assert codes[0] == 0 and sorted(codes[1:]) == [0, 2], [err[-2000:] for _, _, err in results]
+    err = next(err for code, _, err in results if code == 2)
+    assert "--node-rank: another node was already started with --node-rank 1" in err
 
 
 # --- synchronous SGD across nodes ---------------------------------------------------------------
