@@ -440,3 +440,27 @@ def test_torchrun_launches_the_nodes(tmp_path):
     summary = read_json(tmp_path / "run0" / "summary.json")
     assert summary["nnodes"] == 2 and summary["updates"] == 5 and len(summary["nodes"]) == 2
     assert read_json(tmp_path / "run1" / "config.json")["node_rank"] == 1
+
+
+@pytest.mark.slow
+def test_a_sync_resume_takes_the_state_of_the_node_ahead(tmp_path):
+    """If one node's checkpoint is behind (it lost the last update the other completed), a
+    resumed pair continues from the node ahead: both end with the same parameters and step."""
+    _, procs = start_nodes(tmp_path, "--max-updates", "5", "--timeout", "60")
+    for code, out, err in finish(procs):
+        assert code == 0, err
+    path = str(tmp_path / "run1" / "checkpoint.pt")
+    behind = checkpoint.load(path)
+    behind["server"]["step"] = 4
+    behind["server"]["params"] = behind["server"]["params"] + 0.5  # not what node 0 holds
+    checkpoint.save_atomic(behind, path)
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "pyasgd.cli", "--resume", str(tmp_path / f"run{r}"),
+                               "--master-port", str(port), "--max-updates", "8"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    for code, out, err in finish(procs):
+        assert code == 0, err
+    after = [checkpoint.load(str(tmp_path / f"run{r}" / "checkpoint.pt"))["server"] for r in (0, 1)]
+    assert [s["step"] for s in after] == [8, 8]
+    assert torch.equal(after[0]["params"], after[1]["params"])
+    assert torch.equal(after[0]["exp_avg"], after[1]["exp_avg"])
