@@ -5,6 +5,9 @@
     pyasgd-train --task synthetic --simulate --workers 4 --local-accum 2 --global-accum 2
     pyasgd-train --config run.toml --max-updates 2000
     pyasgd-train --resume runs/20261126-080000-async --max-updates 4000
+    pyasgd-train --mode sync --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500   # on HOST0
+    pyasgd-train --mode sync --nnodes 2 --node-rank 1 --master-addr HOST0 --master-port 29500   # on HOST1
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST0 --master-port 29500 -m pyasgd.cli --mode sync
 
 Every option is a TrainConfig field (pyasgd/config.py); --config FILE loads TOML with the same
 names, and options given on the command line override it.
@@ -56,7 +59,35 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.config:
         settings.update(load_toml(args.config))
     settings.update(given)
+    for name, value in torchrun_env(os.environ).items():
+        if name not in given and not (args.config and name in settings):  # options and --config win
+            settings[name] = value
     return TrainConfig.from_dict(settings, source=args.config or "options")
+
+
+# torchrun's environment -> the settings it stands for (one pyasgd-train per node: --nproc-per-node 1)
+TORCHRUN_ENV = {"WORLD_SIZE": "nnodes", "RANK": "node_rank", "MASTER_ADDR": "master_addr", "MASTER_PORT": "master_port"}
+
+
+def torchrun_env(environ) -> dict:
+    """The multi-node settings torchrun (or any launcher using its names) put in the environment."""
+    local = environ.get("LOCAL_WORLD_SIZE")
+    if local not in (None, "", "1"):
+        raise ConfigError(f"torchrun started {local} processes on this node: run one pyasgd-train per node "
+                          "(torchrun --nproc-per-node 1); --workers sets the worker processes of each node")
+    out: dict = {}
+    for var, name in TORCHRUN_ENV.items():
+        value = environ.get(var, "")
+        if not value:
+            continue
+        if name != "master_addr":
+            try:
+                value = int(value)
+            except ValueError:
+                raise ConfigError(f"${var} (torchrun's, for --{name.replace('_', '-')}) must be an integer, "
+                                  f"got {value!r}") from None
+        out[name] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,10 @@ AMP = ("none", "bf16")
 GRAD_DTYPES = ("fp32", "bf16")
 # Marks a setting that shapes the model or the data: a resumed run must keep it (see rundir.py).
 FIXED = {"resume": "fixed"}
+# Settings each node of a multi-node run chooses for itself; every other setting must be the same
+# on every node, and the nodes check it at rendezvous (pyasgd/nodes.py).
+PER_NODE = ("node_rank", "out", "resume", "quiet", "devices", "server_device", "threads", "worker_slowdown",
+            "valid_process", "master_addr")
 
 
 def _opt(name: str) -> str:
@@ -41,10 +45,12 @@ class TrainConfig:
     """sync: the server sums one gradient from each worker per update and workers wait for it
     (the paper's synchronous SGD); async: no barrier."""
     workers: int = field(default=2, metadata=FIXED)
-    """N, the number of worker processes (or virtual workers with --simulate)."""
+    """N, the number of worker processes (or virtual workers with --simulate); per node when
+    --nnodes > 1 (M x N workers in all)."""
     global_accum: int | None = None
     """G, gradients summed by the server per update. Default: N, the paper's recommendation
-    (asynchronous with global accumulation); 1 is plain asynchronous SGD; sync is always N."""
+    (asynchronous with global accumulation); 1 is plain asynchronous SGD; sync is always N.
+    Across nodes N means all M x N workers."""
     local_accum: int = 1
     """k, batches a worker sums before it pushes one gradient."""
     pull_every: int = 1
@@ -78,6 +84,18 @@ class TrainConfig:
     has --sim-speeds). E.g. 3:2 makes worker 3 a 2x straggler."""
     threads: int = 0
     """torch threads per CPU worker; 0 = floor(cores / workers), at least 1."""
+    nnodes: int = field(default=1, metadata=FIXED)
+    """M, the number of nodes (machines), each running one pyasgd-train with its own --workers
+    workers and shared region; torch.distributed (gloo) carries what crosses nodes. torchrun's
+    WORLD_SIZE when started by torchrun --nproc-per-node 1."""
+    node_rank: int = 0
+    """R, this node's rank in 0..M-1; node 0 hosts the rendezvous and writes the global summary
+    (torchrun's RANK)."""
+    master_addr: str = "127.0.0.1"
+    """the address of node 0, where the nodes meet (torchrun's MASTER_ADDR)."""
+    master_port: int = 0
+    """the TCP port node 0 listens on for the rendezvous; needed when --nnodes > 1 (torchrun's
+    MASTER_PORT)."""
     seed: int = field(default=1, metadata=FIXED)
     """seed of model initialisation, data order and worker randomness."""
     batch_size: int = field(default=32, metadata=FIXED)
@@ -214,14 +232,25 @@ class TrainConfig:
 
         need(self.mode in MODES, "mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         need(self.workers >= 1, "workers", f"need at least 1 worker, got {self.workers}")
+        need(self.nnodes >= 1, "nnodes", f"need at least 1 node, got {self.nnodes}")
+        need(0 <= self.node_rank < self.nnodes, "node_rank",
+             f"must be in 0..{self.nnodes - 1} (--nnodes {self.nnodes}), got {self.node_rank}")
+        if self.nnodes > 1:
+            need(1 <= self.master_port <= 65535, "master_port",
+                 f"a multi-node run needs node 0's TCP port (1..65535), got {self.master_port}")
+            need(bool(self.master_addr.strip()), "master_addr", "give node 0's address (a host name or IP)")
+            need(not self.simulate, "nnodes", "--simulate runs every worker in one process; drop --nnodes")
+            need(not (self.mode == "async" and self.clip_norm > 0), "clip_norm",
+                 "the sharded server across nodes cannot clip the global norm (each node holds one shard of the "
+                 "gradient); drop --clip-norm or use --mode sync")
         need(self.local_accum >= 1, "local_accum", f"must be >= 1, got {self.local_accum}")
         need(self.pull_every >= 1, "pull_every", f"must be >= 1, got {self.pull_every}")
         if self.global_accum is not None:
             need(self.global_accum >= 1, "global_accum", f"must be >= 1, got {self.global_accum}")
             if self.mode == "sync":
-                need(self.global_accum == self.workers, "global_accum",
-                     f"sync mode sums exactly one gradient per worker (G = N = {self.workers}); "
-                     f"drop --global-accum or set it to {self.workers}")
+                need(self.global_accum == self.total_workers, "global_accum",
+                     f"sync mode sums exactly one gradient per worker (G = M x N = {self.total_workers}); "
+                     f"drop --global-accum or set it to {self.total_workers}")
         need(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
         need(self.schedule in SCHEDULES, "schedule", f"must be one of {', '.join(SCHEDULES)}")
         need(self.warmup >= 0, "warmup", "must be >= 0")
@@ -272,17 +301,26 @@ class TrainConfig:
 
         need(self.preset in PRESETS, "preset", f"must be one of {', '.join(PRESETS)}")
         self.targets()
-        need(self.task != "synthetic" or self.train_size >= self.workers * self.batch_size, "train_size",
-             f"{self.train_size} sequences cannot give each of {self.workers} workers a batch of "
+        need(self.task != "synthetic" or self.train_size >= self.total_workers * self.batch_size, "train_size",
+             f"{self.train_size} sequences cannot give each of {self.total_workers} workers a batch of "
              f"{self.batch_size}; raise --train-size or lower --batch-size")
 
     # --- derived settings --------------------------------------------------------------------
     @property
+    def total_workers(self) -> int:
+        """M x N: the workers of every node (what G, the data shards and staleness count)."""
+        return self.nnodes * self.workers
+
+    def global_rank(self, rank: int) -> int:
+        """Local worker `rank`'s rank among all M x N workers: R x N + rank."""
+        return self.node_rank * self.workers + rank
+
+    @property
     def G(self) -> int:
-        """Gradients per server update."""
+        """Gradients per server update, counted over all M x N workers."""
         if self.mode == "sync":
-            return self.workers
-        return self.global_accum or self.workers
+            return self.total_workers
+        return self.global_accum or self.total_workers
 
     def stale_drop(self) -> int | None:
         """T of drop:T, else None (and raises ConfigError on a malformed policy)."""

@@ -33,20 +33,33 @@ def train(config: TrainConfig | dict) -> dict[str, Any]:
     if isinstance(config, dict):
         config = TrainConfig.from_dict(config)
     task = make_task(config)  # reads and checks the data before anything is created
-    run_dir = rundir.prepare(config)
     if config.simulate:
         from pyasgd.simulate import simulate
 
-        return simulate(config, run_dir, task)
-    return Launcher(config, run_dir, task).run()
+        return simulate(config, rundir.prepare(config), task)
+    if config.nnodes == 1:
+        return Launcher(config, rundir.prepare(config), task).run()
+    from pyasgd.nodes import Nodes
+
+    nodes = Nodes.join(config)  # before anything is created: a bad rendezvous leaves nothing behind
+    try:
+        try:
+            run_dir = rundir.prepare(config)
+        except Exception as e:
+            nodes.note("failed", f"its run directory: {e}")
+            raise
+        return Launcher(config, run_dir, task, nodes).run()
+    finally:
+        nodes.close()
 
 
 class Launcher:
     """One real-process run: the server, the workers, the shared region between them, the queue
     their records come back on, and the run's log."""
 
-    def __init__(self, config: TrainConfig, run_dir: str, task) -> None:
+    def __init__(self, config: TrainConfig, run_dir: str, task, nodes=None) -> None:
         self.config, self.run_dir, self.task = config, run_dir, task
+        self.nodes = nodes  # pyasgd.nodes.Nodes when this is one node of several
         # Validation decodes where the run has a GPU (the server's, else the first worker's):
         # on one launcher CPU thread it would take longer than the training it checks.
         devices = [config.server_device, *config.worker_devices()]
@@ -56,9 +69,11 @@ class Launcher:
         self.ckpt_path = os.path.join(run_dir, rundir.CHECKPOINT)
         ctx = self.ctx = mp.get_context("spawn")
         self.stop, self.go, self.queue = ctx.Event(), ctx.Event(), ctx.Queue()
+        self.stop_code = ctx.Value("i", 0, lock=False)  # 2: the run failed (the server votes so across nodes)
         self.procs: list = []  # the server first, then the workers
         self.region = None
-        self.ready = 0             # workers that reported ready
+        self.ready = 0             # workers (and, across nodes, the server) that reported ready
+        self.server_extra: dict = {}  # summary fields the server reports at its end
         self.server_done = False   # the server wrote its last checkpoint
         self.failure = ""          # what went wrong, with a traceback where there is one
         self.worker_errors: dict[int, str] = {}  # rank -> traceback it reported before dying
@@ -80,11 +95,13 @@ class Launcher:
         # them (torch's idle OpenMP threads spin, which starves the workers on small machines).
         torch.set_num_threads(1)
         resume = checkpoint.load(self.ckpt_path) if c.resume else None
-        if resume is not None:
-            flat.params.copy_(resume["server"]["params"])
+        if resume is not None:  # a shard's owner kept its view of every shard; its server reassembles them
+            flat.params.copy_(resume["view"] if "view" in resume else resume["server"]["params"])
             log.updates = self.last_checkpoint = int(resume["server"]["step"])
             log.restore(resume.get("progress"), clocks=False)
-        self.region = SharedRegion.create(flat.n, default_slots(c.workers, c.G), pin=self.eval_device.type == "cuda",
+        # Across nodes a server holds only its own node's N gradients of a round.
+        local_G = c.workers if c.nnodes > 1 else c.G
+        self.region = SharedRegion.create(flat.n, default_slots(c.workers, local_G), pin=self.eval_device.type == "cuda",
                                           grad_dtype=torch.bfloat16 if c.grad_dtype == "bf16" else torch.float32)
         stopped_because, extra, summary, train_end = "", {}, None, None
         pbar = self._progress_bar()
@@ -113,7 +130,7 @@ class Launcher:
                 elif self.valid_wanted and self.validator_ready and self.inflight is None:
                     self._request_validation()
                 stopped_because = self._check_health() or stopped_because
-            self._stop()
+            self._stop(stopped_because)
             train_end = time.monotonic()  # wall_s and wps count training, not the final decoding
             torch.set_num_threads(os.cpu_count() or 1)  # the workers are gone: all cores
             if not self.failure:
@@ -123,7 +140,7 @@ class Launcher:
             stopped_because = "terminated" if isinstance(e, Terminated) else "interrupted"
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the stop short
-            self._stop()  # the server writes the last checkpoint
+            self._stop(stopped_because)  # the server writes the last checkpoint
             raise
         finally:
             if previous_term is not None:
@@ -135,7 +152,12 @@ class Launcher:
             wall = (train_end or time.monotonic()) - self.start
             if stopped_because:
                 because = f"failed: {self.failure.splitlines()[0]}" if self.failure else stopped_because
-                summary = finish(log, self.run_dir, stopped_because=because, wall_s=wall, extra=extra)
+                summary = finish(log, self.run_dir, stopped_because=because, wall_s=wall,
+                                 extra={**self.server_extra, **extra})
+                if self.nodes is not None:  # node 0's summary.json is the global one
+                    summary = self.nodes.gather(summary, wait=10.0 if self.failure else None)
+                    if self.nodes.rank == 0:
+                        rundir.write_json(os.path.join(self.run_dir, rundir.SUMMARY), summary)
             log.close()
         if self.failure:
             raise TrainingError(self.failure)
@@ -160,7 +182,7 @@ class Launcher:
         self.common = dict(config=c, region=self.region.name, cursors=cursors, stop=self.stop, queue=self.queue)
         self.procs.append(ctx.Process(target=server_main, name="server", daemon=True, args=(ServerArgs(
             checkpoint_path=self.ckpt_path, resume_state=self.ckpt_path if resume is not None else "",
-            **self.common),)))
+            stop_code=self.stop_code, **self.common),)))
         self.procs[0].start()
         for rank in range(c.workers):
             self.procs.append(self._start_worker(rank))
@@ -222,6 +244,10 @@ class Launcher:
             if "worker" in r and self.config.max_restarts > 0:
                 self.worker_errors[r["worker"]] = r["traceback"]  # the death itself decides
                 return ""
+            if self.nodes is not None and r["process"] == "server" and "NodeLostError" in r["traceback"]:
+                self.failure = self.failure or (f"{self.nodes.name_loss()}; this node stopped with its checkpoint "
+                                                f"(node {self.nodes.rank}'s server):\n{r['traceback']}")
+                return "failed"
             self.failure = self.failure or f"{r['process']} failed:\n{r['traceback']}"
             return "failed"
         if kind == "valid_result":
@@ -232,20 +258,43 @@ class Launcher:
             self.last_checkpoint = r["update"]
         elif kind == "server_done":
             self.server_done = True
-            return r["reason"]
+            self._server_counts(r)
+            return self._node_stopped(r["reason"]) if r["reason"].startswith("node ") else r["reason"]
         elif kind == "worker_done":
             return "max_epochs"
-        elif kind == "ready":
+        elif kind in ("ready", "server_ready"):
             self.ready += 1
-            if self.ready == self.config.workers:  # everyone has started: the clock starts now
+            # Everyone has started (across nodes, the server too: its group with the other nodes
+            # is formed and the parameters are assembled): the clock starts now.
+            if self.ready == self.config.workers + (self.config.nnodes > 1):
                 self.go.set()
                 self.start = self.log.t0 = time.monotonic()
         return ""
 
+    def _server_counts(self, r: dict) -> None:
+        """What a server across nodes counted (pyasgd/sharded.py, server.py), for the summary."""
+        for key in ("shard", "internode"):
+            if key in r:
+                self.server_extra[key] = r[key]
+
+    def _node_stopped(self, reason: str) -> str:
+        """Another node ended the round ("node R failed" or "node R stopped"): fail naming it, or
+        stop as it did."""
+        node = int(reason.split()[1])
+        why = self.nodes.why(node, wait=2.0)
+        if reason.endswith("failed"):
+            self.failure = self.failure or (f"node {node} failed: {why}; this node (node {self.nodes.rank}) "
+                                            "stopped with its checkpoint")
+            return "failed"
+        return f"node {node} stopped ({why})"
+
     def _check_health(self) -> str:
-        """Why the run must stop now (a time limit, a process that died), or ''. A dead worker
-        is replaced while --max-restarts allows."""
+        """Why the run must stop now (a time limit, a process that died, another node lost), or
+        ''. A dead worker is replaced while --max-restarts allows."""
         c, now = self.config, time.monotonic()
+        if self.nodes is not None and self.nodes.lost():
+            self.failure = self.failure or f"{self.nodes.lost()}; this node (node {self.nodes.rank}) stopped"
+            return "failed"
         if not self.go.is_set() and now - self.start > c.timeout:
             self.failure = f"the workers did not start within {c.timeout:.0f} s (--timeout)"
             return "failed"
@@ -287,16 +336,25 @@ class Launcher:
         return (f"the server died ({how}); the updates since its last checkpoint are lost and it cannot be "
                 f"replaced: {where}. Continue with: pyasgd-train --resume {self.run_dir}")
 
-    def _stop(self) -> None:
+    def _stop(self, reason: str = "") -> None:
         """Ask the server to finish (it writes the last checkpoint), then release everyone who
-        waits on the region, and drain the queue while the processes exit."""
+        waits on the region, and drain the queue while the processes exit. Across nodes the
+        server passes the word on (its vote in the next round) and may wait up to --timeout for
+        the others to reach it."""
+        if self.nodes is not None:
+            self.stop_code.value = 2 if self.failure else 1
+            if not reason.startswith("node "):  # this node's own decision: say why, for the others
+                self.nodes.note("failed" if self.failure else "stopped",
+                                self.failure.splitlines()[0] if self.failure else reason or "stopped")
         self.stop.set()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + (60 if self.nodes is None else max(60, self.config.timeout + 10))
         server = self.procs[0] if self.procs else None
         while server is not None and not self.server_done and server.is_alive() and time.monotonic() < deadline:
             for r in _drain(self.queue, 0.05):
                 self.log.record(r)
-                self.server_done = self.server_done or r["kind"] == "server_done"
+                if r["kind"] == "server_done":
+                    self.server_done = True
+                    self._server_counts(r)
         self.region.shutdown()
         if self.validator is not None:
             if self.inflight is not None:

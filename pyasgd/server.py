@@ -173,6 +173,7 @@ class ServerArgs:
     cursors: object = None       # mp.Array of N int64: where each worker started (Cursor.pack)
     stop: object = None          # mp.Event
     queue: object = None         # mp.Queue of records to the launcher
+    stop_code: object = None     # mp.Value: 2 when the launcher stops because the run failed
 
 
 def server_main(args: ServerArgs) -> None:
@@ -196,15 +197,21 @@ def _serve(args: ServerArgs) -> None:
         # A CPU server's parameters are the published ones (the front buffer, read in place); a
         # CUDA server keeps a master copy on its GPU, starting from what the launcher published.
         in_region = config.server_device == "cpu"
+        # Asynchronous across nodes, this server owns one contiguous shard of the parameters.
+        lo, hi = 0, region.n
+        if config.nnodes > 1 and config.mode == "async":
+            from pyasgd.sharded import shard_bounds
+
+            lo, hi = shard_bounds(region.n, config.nnodes)[config.node_rank]
         if in_region:
-            up = Updater(config, region.front(), keep_master=False)
+            up = Updater(config, region.front()[lo:hi], keep_master=False)
         else:
             init = torch.empty(region.n)
             region.pull(init)
-            up = Updater(config, init, config.server_device)
+            up = Updater(config, init[lo:hi], config.server_device)
 
         def current() -> torch.Tensor | None:
-            return region.front() if in_region else None
+            return region.front()[lo:hi] if in_region else None
 
         resumed = {}
         if args.resume_state:
@@ -212,11 +219,7 @@ def _serve(args: ServerArgs) -> None:
 
             resumed = checkpoint.load(args.resume_state)
             up.load_state_dict(resumed["server"], current=current())
-        G, t0 = config.G, time.monotonic()
-        # Gradients are taken one at a time (so each pusher learns at once that its gradient is in
-        # the accumulation) and summed G at a time by the fused kernel straight from their slots.
-        idle_since = time.monotonic()
-        reason = "stopped"
+        t0 = time.monotonic()
 
         # Each worker's data position after the last of its gradients this server has used (applied,
         # or deliberately dropped or skipped): a resume starts there, so batches whose gradients
@@ -227,55 +230,32 @@ def _serve(args: ServerArgs) -> None:
         progress = {"tokens": 0, "gradients": 0, "vtime": None, "elapsed": 0.0, "valid_s": 0.0}
         progress.update(resumed.get("progress") or {})
 
+        kept_too: dict = {}  # more for the checkpoint (the sharded server's counts)
+
         def save() -> None:
             from pyasgd import checkpoint
 
-            checkpoint.save_atomic({"server": up.state_dict(current=current()), "version": region.version,
-                                    "positions": torch.tensor(positions, dtype=torch.int64),
-                                    "progress": dict(progress),
-                                    "config": repr(config)}, args.checkpoint_path)
+            state = {"server": up.state_dict(current=current()), "version": region.version,
+                     "positions": torch.tensor(positions, dtype=torch.int64),
+                     "progress": dict(progress), "config": repr(config)}
+            if (lo, hi) != (0, region.n):  # a shard's owner: its part, and this node's view of the rest
+                state["shard"] = {"index": config.node_rank, "lo": lo, "hi": hi, "nnodes": config.nnodes}
+                state["view"] = region.front().clone() if in_region else _pulled(region)
+            state.update(kept_too)
+            checkpoint.save_atomic(state, args.checkpoint_path)
             q.put({"kind": "checkpoint", "update": up.step, "path": args.checkpoint_path})
 
-        held = []  # gradients taken into the accumulation, one at a time in arrival order
-        while not args.stop.is_set():
-            if parent_gone():  # the launcher was killed outright: save, and leave nothing behind
-                reason = "launcher died"
-                break
-            try:
-                taken = region.collect(1, timeout=0.25)
-            except RegionTimeoutError:
-                if time.monotonic() - idle_since > config.timeout:
-                    raise RuntimeError(f"no gradients from the workers for {config.timeout:.0f} s (--timeout)")
-                continue
-            except RegionClosedError:
-                break
-            idle_since = time.monotonic()
-            held.append(taken)
-            if len(held) < G:
-                region.ack(taken)  # accumulated: its pusher may pull and go on
-                continue
-            batch, held = SharedRegion.merge(held), []
-            front = current()  # read before begin_update: the front stays the front until published
-            back, res = region.begin_update(), None
-            try:
-                res = up.apply(batch.grads, batch.staleness, out=back, bounds=batch.bounds, current=front)
-            finally:  # publish (or not), then release (ack) every slot of the batch
-                region.end_update(batch, publish=res is not None and res.publish)
-            for w, pos in zip(batch.workers, batch.positions):
-                positions[w] = pos
-            progress["tokens"] += int(sum(batch.tokens))
-            if res.applied:
-                progress["gradients"] += len(batch.staleness) - res.dropped
-            q.put(update_record(up.step, region.version, res, batch.staleness, batch.tokens, batch.losses,
-                                batch.workers, t0, positions=batch.positions))
-            if res.applied and config.save_every and up.step % config.save_every == 0:
-                save()
-            if config.max_updates and up.step >= config.max_updates:
-                reason = "max_updates"
-                break
+        extra = {}
+        if config.nnodes > 1 and config.mode == "async":
+            reason, extra = _serve_shard(args, region, up, current, positions, progress, save, t0, resumed,
+                                         kept_too)
+        elif config.nnodes > 1:
+            reason, extra = _serve_across_nodes(args, region, up, current, positions, progress, save, t0)
+        else:
+            reason = _serve_one_node(args, region, up, current, positions, progress, save, t0)
         save()
         q.put({"kind": "server_done", "reason": reason, "update": up.step, "dropped": up.dropped,
-               "skipped": up.skipped})
+               "skipped": up.skipped, **extra})
     finally:
         region.close()
         if parent_gone():
@@ -284,3 +264,217 @@ def _serve(args: ServerArgs) -> None:
                 os.unlink(segment)
             except FileNotFoundError:
                 pass
+
+
+def _serve_one_node(args: ServerArgs, region, up: Updater, current, positions, progress, save, t0) -> str:
+    """Collect G gradients, update, publish, until told to stop; returns why it stopped."""
+    from pyasgd.exchange import RegionClosedError, RegionTimeoutError, SharedRegion
+
+    config, q, G = args.config, args.queue, args.config.G
+    idle_since = time.monotonic()
+    reason = "stopped"
+    # Gradients are taken one at a time (so each pusher learns at once that its gradient is in
+    # the accumulation) and summed G at a time by the fused kernel straight from their slots.
+    held = []  # gradients taken into the accumulation, one at a time in arrival order
+    while not args.stop.is_set():
+        if parent_gone():  # the launcher was killed outright: save, and leave nothing behind
+            reason = "launcher died"
+            break
+        try:
+            taken = region.collect(1, timeout=0.25)
+        except RegionTimeoutError:
+            if time.monotonic() - idle_since > config.timeout:
+                raise RuntimeError(f"no gradients from the workers for {config.timeout:.0f} s (--timeout)")
+            continue
+        except RegionClosedError:
+            break
+        idle_since = time.monotonic()
+        held.append(taken)
+        if len(held) < G:
+            region.ack(taken)  # accumulated: its pusher may pull and go on
+            continue
+        batch, held = SharedRegion.merge(held), []
+        front = current()  # read before begin_update: the front stays the front until published
+        back, res = region.begin_update(), None
+        try:
+            res = up.apply(batch.grads, batch.staleness, out=back, bounds=batch.bounds, current=front)
+        finally:  # publish (or not), then release (ack) every slot of the batch
+            region.end_update(batch, publish=res is not None and res.publish)
+        for w, pos in zip(batch.workers, batch.positions):
+            positions[w] = pos
+        progress["tokens"] += int(sum(batch.tokens))
+        if res.applied:
+            progress["gradients"] += len(batch.staleness) - res.dropped
+        q.put(update_record(up.step, region.version, res, batch.staleness, batch.tokens, batch.losses,
+                            batch.workers, t0, positions=batch.positions))
+        if res.applied and config.save_every and up.step % config.save_every == 0:
+            save()
+        if config.max_updates and up.step >= config.max_updates:
+            reason = "max_updates"
+            break
+    return reason
+
+
+def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, positions, progress, save,
+                        t0) -> tuple[str, dict]:
+    """Synchronous SGD across M nodes (pyasgd/internode.py): collect this node's N gradients, sum
+    them (stale policy applied per gradient), all-reduce the node sums with every node's stop
+    vote, and apply the same update as every other node. Returns why it stopped and what it
+    measured (the server_done record's "internode"); a lost node raises NodeLostError after the
+    checkpoint is saved."""
+    from pyasgd.exchange import RegionClosedError, RegionTimeoutError, SharedRegion
+    from pyasgd.internode import FAIL, GO, STOP, NodeGroup, NodeLostError, weighted_sum
+
+    config, q, N, R = args.config, args.queue, args.config.workers, args.config.node_rank
+    group = NodeGroup(config)
+    if args.resume_state:
+        _agree_on_resume(group, region, up, current)
+    q.put({"kind": "server_ready"})
+    written, rounds = _bytes_written(), 0
+    local = torch.empty(region.n)
+    buf = torch.empty(region.n + config.nnodes + 1)
+    held: list = []  # this round's local gradients, taken one at a time
+    idle_since = time.monotonic()
+    try:
+        while True:
+            vote = GO
+            if parent_gone():  # the launcher was killed outright: tell the others, save, leave
+                vote = FAIL
+                group.note("failed", f"its launcher died (pid {os.getppid()} is not its parent any more); its "
+                                     f"server saved the node's checkpoint at update {up.step}")
+            elif args.stop.is_set():
+                vote = FAIL if args.stop_code is not None and args.stop_code.value == 2 else STOP
+            if vote == GO and len(held) < N:
+                try:
+                    taken = region.collect(1, timeout=0.25)
+                except RegionTimeoutError:
+                    if time.monotonic() - idle_since > config.timeout:
+                        raise RuntimeError(f"no gradients from the workers for {config.timeout:.0f} s (--timeout)")
+                    continue
+                except RegionClosedError:
+                    vote = STOP
+                else:
+                    idle_since = time.monotonic()
+                    held.append(taken)
+                    if len(held) < N:
+                        region.ack(taken)  # in this round's sum: its pusher waits for the next version
+                        continue
+            batch = SharedRegion.merge(held) if held else None
+            mine = batch is not None and vote == GO
+            dropped = weighted_sum(batch.grads, batch.staleness, config, local) if mine else 0
+            try:
+                total, votes, kept = group.sync_round(local if mine else None, len(batch.grads) - dropped if mine else 0,
+                                                      vote, buf)
+            except NodeLostError:
+                if batch is not None:
+                    region.release(batch)
+                raise
+            rounds += 1
+            if any(v != GO for v in votes):  # a node stops: the round is void everywhere
+                if batch is not None:
+                    region.release(batch)
+                return _why_nodes_stop(votes, R), _measured(written, rounds)
+            held = []
+            front = current()
+            back, res = region.begin_update(), None
+            try:
+                # The node sums arrive as one summed gradient; a round whose gradients were all
+                # dropped is a skipped update, published unchanged (the barrier goes on).
+                res = up.apply([total] if kept else [], [0] if kept else [], out=back, current=front)
+            finally:
+                region.end_update(batch, publish=res is not None and res.publish)
+            res.dropped = dropped
+            up.dropped += dropped
+            for w, pos in zip(batch.workers, batch.positions):
+                positions[w] = pos
+            progress["tokens"] += int(sum(batch.tokens))
+            if res.applied:
+                progress["gradients"] += len(batch.staleness) - dropped
+            q.put(update_record(up.step, region.version, res, batch.staleness, batch.tokens, batch.losses,
+                                [config.global_rank(w) for w in batch.workers], t0, positions=batch.positions))
+            if res.applied and config.save_every and up.step % config.save_every == 0:
+                save()
+            if config.max_updates and up.step >= config.max_updates:
+                return "max_updates", _measured(written, rounds)
+    except NodeLostError:
+        save()  # the last update every node applied: the pair resumes from here
+        raise
+
+
+def _bytes_written() -> int | None:
+    """This process's bytes written so far (/proc/self/io wchar: sockets, pipes and files)."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("wchar:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def _measured(since: int | None, rounds: int) -> dict:
+    now = _bytes_written()
+    return {"internode": {"rounds": rounds, "bytes_written": None if since is None or now is None else now - since,
+                          "how": "/proc/self/io wchar of the server: its gloo socket writes, plus its records to "
+                                 "the launcher (a few hundred bytes per update)"}}
+
+
+def _why_nodes_stop(votes: list[float], me: int) -> str:
+    """The server's stop reason from a round's votes: its own stop, or the node that stopped
+    (failed first) the others: "node R failed" / "node R stopped"."""
+    from pyasgd.internode import FAIL, GO
+
+    failed = [p for p, v in enumerate(votes) if v == FAIL]
+    if me in failed or (not failed and votes[me] != GO):
+        return "stopped"
+    p = failed[0] if failed else next(p for p, v in enumerate(votes) if v != GO)
+    return f"node {p} {'failed' if failed else 'stopped'}"
+
+
+def _agree_on_resume(group, region, up: Updater, current) -> None:
+    """All nodes continue from the same state: a node whose checkpoint is behind takes the one
+    that is ahead (see NodeGroup.agree_on_state)."""
+    params = current().clone() if current() is not None else up.master.cpu()
+    state = [params, up.exp_avg.cpu(), up.exp_avg_sq.cpu()]
+    src, step = group.agree_on_state(up.step, state)
+    if src == group.rank:
+        return
+    region.publish(state[0])
+    if up.master is not None:
+        up.master.copy_(state[0])
+    up.exp_avg.copy_(state[1])
+    up.exp_avg_sq.copy_(state[2])
+    up.step = step
+
+
+def _pulled(region) -> torch.Tensor:
+    t = torch.empty(region.n)
+    region.pull(t)
+    return t
+
+
+def _serve_shard(args: ServerArgs, region, up: Updater, current, positions, progress, save, t0,
+                 resumed: dict, kept_too: dict) -> tuple[str, dict]:
+    """Asynchronous SGD across nodes: this server owns one shard (pyasgd/sharded.py). Returns why
+    it stopped and the shard's counts (the server_done record's "shard", and the checkpoint's
+    "shard_stats", which outlives a killed launcher)."""
+    from pyasgd.internode import NodeGroup, NodeLostError
+    from pyasgd.sharded import ShardServer, shard_bounds
+
+    config = args.config
+    if resumed:
+        got = resumed.get("shard") or {}
+        if got.get("nnodes") != config.nnodes or got.get("index") != config.node_rank:
+            raise RuntimeError(f"the checkpoint holds shard {got.get('index')} of {got.get('nnodes')} nodes, not "
+                               f"shard {config.node_rank} of {config.nnodes}: resume with the same --nnodes and "
+                               "--node-rank")
+    group = NodeGroup(config)
+    server = ShardServer(args, region, up, current, positions, progress, t0, save, group,
+                         shard_bounds(region.n, config.nnodes), update_record)
+    kept_too["shard_stats"] = server.stats  # the same dict: the checkpoint has the counts as they stand
+    server.start(resume_steps=[] if resumed else None)
+    args.queue.put({"kind": "server_ready"})
+    try:
+        reason = server.run()
+    except NodeLostError:
+        save()  # this shard as it stands: the pair resumes from the shards' checkpoints
+        raise
+    return reason, {"shard": server.stats}

@@ -74,9 +74,14 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
     cursor = Cursor.unpack(args.cursors[rank])
     # Worker randomness (dropout, ...) follows the seed, the rank and the data position, so a
     # resumed run reseeds deterministically (the simulator saves the RNG state itself).
-    torch.manual_seed(config.seed * 1_000_003 + rank * 10_007 + cursor.epoch * 101 + cursor.index)
-    data = task.batches(rank, config.workers, cursor)
+    # Across nodes the data shards and seeds follow the global rank R x N + rank of M x N workers,
+    # so M nodes of N workers see the batches one node of M x N workers would.
+    everyone = config.global_rank(rank)
+    torch.manual_seed(config.seed * 1_000_003 + everyone * 10_007 + cursor.epoch * 101 + cursor.index)
+    data = task.batches(everyone, config.total_workers, cursor)
     sync, U, k = config.mode == "sync", config.pull_every, config.local_accum
+    if not sync and config.nnodes > 1 and U > 1:
+        U *= config.nnodes  # the sharded server publishes each of the M shards' updates as a version
     compute_s = wait_s = 0.0
     slowdown = config.slowdowns().get(rank, 1.0)  # a slower accelerator, emulated by sleeping
     fault = _fault(rank)

@@ -1,0 +1,301 @@
+"""Beyond one node, the launchers' side: the M launchers meet at node 0 through torch.distributed's
+TCPStore (hosted by node 0's launcher, or by torchrun's agent), check that their configurations
+agree, watch each other (a heartbeat thread, notes saying why a node stopped), and gather the
+per-node summaries into node 0's. The servers' gradient traffic is pyasgd/internode.py's.
+
+    nodes = Nodes.join(config)        # rendezvous: every node or a clear error within --timeout
+    nodes.lost()                      # '' or what happened to another node
+    nodes.note("failed", message)     # why this node stops, for the others' messages
+    summary = nodes.gather(summary)   # node 0: the global summary with per-node figures
+    nodes.close()
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+from pyasgd.config import PER_NODE, TrainConfig
+from pyasgd.errors import ConfigError
+
+PREFIX = "pyasgd/"   # every key of ours, so torchrun's agent store can be shared
+BEAT_S = 0.5         # heartbeat period
+
+
+class RendezvousError(ConfigError):
+    """The nodes could not meet (wrong port, unreachable master, a node missing) or their
+    configurations disagree; the message says which and how to fix it."""
+
+
+def agent_store() -> bool:
+    """True under torchrun: its agent already hosts a TCPStore on MASTER_PORT, which we share."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+
+
+def connect_store(config: TrainConfig, *, host: bool, timeout: float):
+    """A TCPStore client of node 0's store (host=True: node 0 creates and serves it), prefixed
+    with our namespace. Errors are RendezvousErrors that name the address, within `timeout`."""
+    from torch.distributed import PrefixStore, TCPStore
+
+    addr, port = config.master_addr, config.master_port
+    where = f"{addr}:{port} (--master-addr, --master-port)"
+    td = datetime.timedelta(seconds=timeout)
+    if host:
+        try:
+            store = TCPStore(addr, port, config.nnodes, True, timeout=td, wait_for_workers=False)
+        except RuntimeError as e:
+            why = "the port is in use" if "EADDRINUSE" in str(e) else _first_line(e)
+            raise RendezvousError(f"node 0 cannot listen on port {port} for the rendezvous: {why}; choose "
+                                  "another --master-port") from None
+        return PrefixStore(PREFIX, store)
+    deadline = time.monotonic() + timeout
+    _wait_reachable(addr, port, deadline, where)  # TCPStore's own connect retries for up to 2x its timeout
+    try:
+        store = TCPStore(addr, port, config.nnodes, False, timeout=datetime.timedelta(
+            seconds=max(1.0, deadline - time.monotonic())))
+    except RuntimeError as e:
+        raise RendezvousError(f"node {config.node_rank} cannot join the rendezvous at {where}: "
+                              f"{_first_line(e)}") from None
+    store.set_timeout(td)
+    return PrefixStore(PREFIX, store)
+
+
+def _wait_reachable(addr: str, port: int, deadline: float, where: str) -> None:
+    """Connect to node 0's port until it answers or the deadline passes (node 0 may start later)."""
+    try:
+        infos = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise RendezvousError(f"cannot resolve the master address {addr!r} (--master-addr): {e}") from None
+    last = ""
+    while True:
+        for family, kind, proto, _, sockaddr in infos:
+            s = socket.socket(family, kind, proto)
+            s.settimeout(max(0.1, min(1.0, deadline - time.monotonic())))
+            try:
+                s.connect(sockaddr)
+                return
+            except OSError as e:
+                last = e.strerror or str(e)
+            finally:
+                s.close()
+        if time.monotonic() >= deadline:
+            raise RendezvousError(f"no node 0 answered at {where} within --timeout ({last}): start node 0 "
+                                  "first or together, check the address and port, and that no firewall blocks it")
+        time.sleep(0.2)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def agreement(config: TrainConfig) -> dict[str, Any]:
+    """The settings every node must share (all but PER_NODE)."""
+    return {k: v for k, v in config.to_dict().items() if k not in PER_NODE}
+
+
+def first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
+    """The first field (in TrainConfig's order) where two nodes' settings differ."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in mine and mine.get(f.name) != theirs.get(f.name):
+            return f.name
+    return None
+
+
+class Nodes:
+    """This launcher's view of the other nodes, from the rendezvous to the end of the run."""
+
+    def __init__(self, config: TrainConfig, store) -> None:
+        self.config, self.store = config, store
+        self.rank, self.size = config.node_rank, config.nnodes
+        # A node whose heartbeat stops for this long is lost. A dead node's processes close their
+        # sockets, which the servers' collectives notice at once; this catches hung or cut-off ones.
+        self.dead_after = max(2.0, min(config.timeout / 2, 30.0))
+        self._lost = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    def join(cls, config: TrainConfig) -> Nodes:
+        """Meet the other nodes and check the configurations agree; raises RendezvousError."""
+        t = config.timeout
+        deadline = time.monotonic() + t
+        store = connect_store(config, host=config.node_rank == 0 and not agent_store(), timeout=t)
+        self = cls(config, store)
+        R, M = self.rank, self.size
+        if store.add(f"rank/{R}", 1) > 1:
+            raise RendezvousError(f"--node-rank: another node was already started with --node-rank {R}; give each of "
+                                  f"the {M} nodes its own rank in 0..{M - 1}")
+        mine = agreement(config)
+        store.set(f"config/{R}", json.dumps(mine, sort_keys=True))
+        # Compare with each node's settings as soon as they arrive: a disagreement (even in
+        # --nnodes) fails at once, without waiting for nodes that may never come.
+        pending = [p for p in range(M) if p != R]
+        while pending:
+            for p in [p for p in pending if store.check([f"config/{p}"])]:
+                pending.remove(p)
+                theirs = json.loads(store.get(f"config/{p}"))
+                name = first_difference(mine, theirs)
+                if name is not None:
+                    opt = "--" + name.replace("_", "-")
+                    raise RendezvousError(
+                        f"{opt}: node {R} has {mine[name]!r} but node {p} has {theirs.get(name)!r}; every node must be "
+                        f"started with the same {opt} (only {', '.join('--' + n.replace('_', '-') for n in PER_NODE)} "
+                        "may differ)")
+            if pending and time.monotonic() > deadline:
+                raise RendezvousError(f"node(s) {', '.join(map(str, pending))} of --nnodes {M} did not join the "
+                                      f"rendezvous at {config.master_addr}:{config.master_port} within --timeout "
+                                      f"{t:g} s: start one pyasgd-train per node with the same --master-addr and "
+                                      "--master-port, each with its own --node-rank")
+            if pending:
+                time.sleep(0.1)
+        store.set(f"beat/{R}", "0")
+        self._thread = threading.Thread(target=self._watch, name="pyasgd-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    # -- watching the others ----------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Beat, and watch the others' beats and notes (its own store connection: a client is not
+        shared between threads)."""
+        try:
+            store = connect_store(self.config, host=False, timeout=self.config.timeout)
+        except RendezvousError as e:
+            self._lost = f"node 0 is gone: {e}"
+            return
+        seen = {p: ("", time.monotonic()) for p in range(self.size) if p != self.rank}
+        beat = 0
+        while not self._stop.wait(BEAT_S):
+            beat += 1
+            try:
+                store.set(f"beat/{self.rank}", str(beat))
+                for p in seen:
+                    if store.check([f"done/{p}"]) or store.check([f"stopped/{p}"]):
+                        continue  # it ended its part in order: silence is expected now
+                    note = self._note_of(store, p)
+                    if note:
+                        self._lost = self._lost or note
+                    value = store.get(f"beat/{p}").decode()
+                    if value != seen[p][0]:
+                        seen[p] = (value, time.monotonic())
+                    elif time.monotonic() - seen[p][1] > self.dead_after and not self._lost:
+                        self._lost = f"node {p} stopped responding (no heartbeat for {self.dead_after:g} s)"
+            except RuntimeError as e:  # node 0's store is gone with node 0
+                if not self._stop.is_set():
+                    self._lost = self._lost or f"node 0 is gone (its rendezvous store stopped answering: {_first_line(e)})"
+                return
+
+    @staticmethod
+    def _note_of(store, p: int) -> str:
+        if store.check([f"failed/{p}"]):
+            return f"node {p} failed: {store.get(f'failed/{p}').decode()}"
+        return ""
+
+    def lost(self) -> str:
+        """'' while every other node is alive and well, else what happened (naming the node)."""
+        return self._lost
+
+    def note(self, kind: str, message: str) -> None:
+        """Tell the others why this node stops: kind "failed" or "stopped"."""
+        try:
+            self.store.set(f"{kind}/{self.rank}", message)
+        except RuntimeError:
+            pass  # node 0 is gone: nobody to tell
+
+    def why(self, node: int, wait: float = 0.0) -> str:
+        """What node `node` said when it stopped (waiting up to `wait` s for it to say)."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                for kind in ("failed", "stopped"):
+                    if self.store.check([f"{kind}/{node}"]):
+                        return self.store.get(f"{kind}/{node}").decode()
+            except RuntimeError:
+                return "(its reason is lost with node 0's store)"
+            if time.monotonic() >= deadline:
+                return "(it gave no reason)"
+            time.sleep(0.1)
+
+    def name_loss(self) -> str:
+        """After a collective failed: which node was lost, waiting up to the heartbeat limit."""
+        deadline = time.monotonic() + self.dead_after + 2 * BEAT_S
+        while not self._lost and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self._lost or "another node was lost (the collective between the nodes failed)"
+
+    # -- the end ------------------------------------------------------------------------------------
+
+    def gather(self, summary: dict[str, Any], wait: float | None = None) -> dict[str, Any]:
+        """Every node sends node 0 its summary; node 0 returns the global one (totals over the
+        nodes, each node's figures under "nodes"), the others their own, marked with their rank."""
+        summary = {**summary, "nnodes": self.size, "node_rank": self.rank,
+                   "total_workers": self.config.total_workers}
+        if self.rank != 0:
+            try:
+                self.store.set(f"summary/{self.rank}", json.dumps(summary))
+            except RuntimeError:
+                pass
+            return summary
+        wait = self.config.timeout if wait is None else wait
+        per_node, deadline = {0: summary}, time.monotonic() + wait
+        while len(per_node) < self.size and time.monotonic() < deadline and not self._lost:
+            for p in range(1, self.size):
+                if p not in per_node and self.store.check([f"summary/{p}"]):
+                    per_node[p] = json.loads(self.store.get(f"summary/{p}"))
+            time.sleep(0.05)
+        return merge_summaries(per_node, self.size)
+
+    def close(self) -> None:
+        """Stop watching; node 0 (the store's host) waits until the others have said goodbye, so
+        their last store calls find it."""
+        try:
+            self.store.set(f"done/{self.rank}", "1")
+            if self.rank == 0:
+                deadline = time.monotonic() + min(self.config.timeout, 30.0)
+                while time.monotonic() < deadline and not self._lost and not all(
+                        self.store.check([f"done/{p}"]) for p in range(1, self.size)):
+                    time.sleep(0.05)
+        except RuntimeError:
+            pass
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+# Per-node summary fields added up into the global summary.
+SUMMED = ("tokens", "gradients", "wps", "dropped_gradients", "worker_compute_s", "worker_wait_s", "worker_restarts")
+
+
+def merge_summaries(per_node: dict[int, dict[str, Any]], size: int) -> dict[str, Any]:
+    """Node 0's summary over every node: sums of what each node counts for its own workers
+    (tokens, words per second, ...; with the sharded server node 0's, whose shard saw every
+    gradient once), the staleness histogram of every gradient (per shard with the sharded
+    server), and each node's own figures under "nodes" (a node that sent none is listed as
+    missing)."""
+    out = dict(per_node[0])
+    hist: dict[str, int] = {}
+    for s in per_node.values():
+        for k, v in (s.get("staleness_hist") or {}).items():
+            hist[k] = hist.get(k, 0) + v
+    # With the sharded server every gradient reaches every shard's owner: node 0 (shard 0)
+    # counted each gradient's tokens once, the other nodes counted the same ones again.
+    sharded = "shard" in per_node[0]
+    for key in SUMMED:
+        if sharded and key in ("tokens", "gradients", "wps"):
+            continue
+        values = [s.get(key) for s in per_node.values()]
+        if all(v is not None for v in values):
+            out[key] = round(sum(values), 3) if isinstance(values[0], float) else sum(values)
+    n = sum(hist.values())
+    out["staleness_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
+    out["avg_staleness"] = sum(int(k) * v for k, v in hist.items()) / n if n else None
+    keep = ("updates", "tokens", "wps", "avg_staleness", "staleness_hist", "wall_s", "stopped_because", "run_dir",
+            "shard", "internode")
+    out["nodes"] = [{"node_rank": p, **{k: per_node[p].get(k) for k in keep}} if p in per_node
+                    else {"node_rank": p, "missing": True} for p in range(size)]
+    return out
