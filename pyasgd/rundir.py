@@ -33,7 +33,8 @@ def prepare(config: TrainConfig) -> str:
         if os.path.exists(os.path.join(d, SUMMARY)):
             os.replace(os.path.join(d, SUMMARY), os.path.join(d, PREV_SUMMARY))
     else:
-        d = config.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.mode}")
+        node = f"-node{config.node_rank}" if config.nnodes > 1 else ""  # nodes may share a filesystem
+        d = config.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.mode}{node}")
         if os.path.exists(os.path.join(d, CONFIG)):
             raise ConfigError(f"--out: {d!r} already holds a run; pass --resume {d} to continue it, "
                               f"or choose another --out")

@@ -155,7 +155,9 @@ class ShardServer:
         self.fin_updates: set[int] = set()
         self.fin_ctrl: set[int] = set()
         self.sent_fins = False
-        self.seen: set[int] = set()     # piece ids received (an id twice would be a protocol bug)
+        # the next piece id expected from each node: ids are (node << 40) | n, n = 0, 1, ... in order
+        # on its ordered DATA channel, so any other id is a piece lost or repeated (O(M) memory)
+        self.expected = [0] * self.M
         self.stats = {"index": self.R, "lo": self.lo, "hi": self.hi, "received": 0, "received_ids": 0,
                       "applied_gradients": 0, "dropped": 0, "skipped_gradients": 0, "held_at_stop": 0,
                       "dispatched": 0, "dispatched_ids": 0, "not_dispatched": 0, "updates_received": 0}
@@ -256,7 +258,14 @@ class ShardServer:
     def _finished(self) -> bool:
         peers = set(self.mail.peers)
         if not self.sent_fins and self.fin_grads >= peers:
-            # every piece of my shard has arrived and been acknowledged: no more updates, acks
+            # every piece of my shard has arrived and been acknowledged: no more updates, acks.
+            # Pieces held short of G are applied now, as a last smaller update: they were already
+            # acknowledged (their workers moved on), so a resume would never compute them again.
+            # Not past --max-updates: a shard that made its last update stops there (as one node
+            # does), and what it holds is counted in held_at_stop.
+            c = self.config
+            if self.held and not (c.max_updates and self.up.step >= c.max_updates):
+                self._apply()
             for p in peers:
                 self.mail.send(p, DATA, [FIN_UPDATES])
                 self.mail.send(p, CTRL, [FIN_CTRL])
@@ -355,9 +364,11 @@ class ShardServer:
         """Take a piece of my shard into the accumulation; apply when G are held. Returns the
         version it completed, or -1."""
         _, pid, worker, version, tokens, loss_bits = h[:6]
-        if pid in self.seen:
-            raise RuntimeError(f"piece {pid:#x} from node {src} arrived twice: the exchange between nodes is broken")
-        self.seen.add(pid)
+        want = (src << 40) | self.expected[src]
+        if pid != want:
+            raise RuntimeError(f"piece {pid:#x} from node {src} arrived where {want:#x} was due (a piece lost or "
+                               f"repeated): the exchange between nodes is broken")
+        self.expected[src] += 1
         self.stats["received"] += 1
         self.stats["received_ids"] += pid
         self.held.append({"grad": grad, "version": version, "worker": worker, "tokens": tokens,

@@ -348,7 +348,9 @@ def test_a_killed_node_stops_the_other_cleanly_and_the_pair_resumes(tmp_path, mo
     else:  # each owner saved its shard; after the ordered stop the views agree
         assert [state["shard"]["index"] for state in saved] == [0, 1]
         assert torch.equal(saved[0]["view"], saved[1]["view"])
-        check_conservation(shards=[state["shard_stats"] for state in saved])  # node 1 sent no summary
+        shards = check_conservation(shards=[state["shard_stats"] for state in saved])  # node 1 sent no summary
+        # the ordered stop (below --max-updates) applied what each owner still held: nothing lost
+        assert all(s["held_at_stop"] == 0 and s["applied_gradients"] + s["dropped"] == s["received"] for s in shards)
     assert "failed" in read_json(tmp_path / "run0" / "summary.json")["stopped_because"]
     # the pair resumes from its checkpoints (reassembled from the shards) and goes on
     port = free_port()

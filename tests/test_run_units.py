@@ -262,3 +262,14 @@ def test_resume_refuses_a_changed_fixed_setting(tmp_path, run_main):
     assert rundir.prepare(dataclasses.replace(again, lr=0.02)) == c.out  # an ordinary setting may change
     r = run_main(main, "--resume", c.out, "--workers", "3", "--quiet")
     assert r.returncode == 2 and "--workers is 3" in r.stderr
+
+
+def test_each_node_gets_its_own_default_run_directory(tmp_path, monkeypatch):
+    """Nodes started in the same second on a shared filesystem must not share a run directory
+    (one checkpoint.pt, one metrics.jsonl): the default name carries the node's rank."""
+    monkeypatch.chdir(tmp_path)
+    dirs = [rundir.prepare(TrainConfig(task="synthetic", nnodes=2, node_rank=r, master_port=29500, max_updates=1))
+            for r in (0, 1)]
+    assert [d.endswith(f"-async-node{r}") for r, d in enumerate(dirs)] == [True, True]
+    assert dirs[0] != dirs[1] and all((tmp_path / d / "config.json").is_file() for d in dirs)
+    assert not rundir.prepare(TrainConfig(task="synthetic", max_updates=1)).endswith("node0")
