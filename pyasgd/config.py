@@ -177,7 +177,8 @@ class TrainConfig:
     max_updates: int = 0
     """stop after this many server updates (0 = no limit)."""
     max_epochs: float = 0.0
-    """stop when a worker finishes this many passes over its shard (0 = no limit)."""
+    """stop when a worker finishes this many passes over its shard (0 = no limit); a fraction
+    counts batches into the last pass (2.5 stops halfway through a worker's third pass)."""
     max_time: float = 480.0
     """stop after this many seconds of training (0 = no limit); the default job trains for 8
     minutes, then validates and decodes the test set, within 10 minutes on 2 cores."""

@@ -189,7 +189,8 @@ class Simulation:
             if schedule.due(up.step, log.tokens):
                 self.validate()
                 stopped_because = stopped_because or ("patience" if log.out_of_patience else "")
-            if c.max_epochs and any(w.cursor.epoch >= c.max_epochs for w in self.vws):
+            if c.max_epochs and any(self.task.passes_done(j, c.workers, w.cursor, c.max_epochs)
+                                    for j, w in enumerate(self.vws)):
                 stopped_because = stopped_because or "max_epochs"
             if c.max_time and log.elapsed >= c.max_time:
                 stopped_because = stopped_because or "max_time"

@@ -115,7 +115,7 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
             if region.version - pulled >= U:
                 pulled = region.pull(flat.params)
             wait_s += time.monotonic() - t2
-            if config.max_epochs and cursor.epoch >= config.max_epochs:
+            if config.max_epochs and task.passes_done(everyone, config.total_workers, cursor, config.max_epochs):
                 q.put({"kind": "worker_done", "worker": rank, "epoch": cursor.epoch})
                 break
             if time.monotonic() - last_report > 1.0:

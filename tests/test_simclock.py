@@ -130,3 +130,13 @@ def test_patience_on_dev_loss_stops_the_run(tmp_path):
 def test_bad_clock_and_validation_settings_name_the_option(tmp_path, kw, option):
     with pytest.raises(ConfigError, match=option):
         cfg(tmp_path, **kw)
+
+
+@pytest.mark.parametrize("max_epochs, updates", [(1, 4), (1.5, 6), (2.25, 9)])
+def test_max_epochs_counts_fractions_of_a_pass(tmp_path, max_epochs, updates):
+    # 512 sequences over 4 workers in batches of 32: 4 batches per worker and pass, and sync
+    # takes one from each worker per update, so a pass is 4 updates.
+    s = train(cfg(tmp_path, mode="sync", train_size=512, max_updates=0, max_epochs=max_epochs))
+    assert s["stopped_because"] == "max_epochs"
+    assert s["updates"] == updates
+    assert s["epochs"] == pytest.approx(max_epochs)

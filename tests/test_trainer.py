@@ -193,6 +193,16 @@ def test_validation_in_its_own_process_keeps_the_best_snapshot(tmp_path):
 
 
 @pytest.mark.slow
+def test_real_workers_stop_at_a_fractional_max_epochs(tmp_path):
+    # 2 workers, 512 sequences, batches of 32: 8 batches per worker and pass; sync makes one
+    # update per batch, so 1.5 passes are 12 updates.
+    s = train(cfg(tmp_path, mode="sync", workers=2, train_size=512, batch_size=32, max_updates=0,
+                  max_epochs=1.5))
+    assert s["stopped_because"] == "max_epochs"
+    assert s["updates"] == 12
+    assert s["epochs"] == pytest.approx(1.5)
+
+
 def test_worker_slowdown_makes_one_worker_a_straggler(tmp_path):
     """--worker-slowdown 1:3: worker 1 takes three times as long per gradient (a slower
     accelerator); in sync mode worker 0 then spends most of its time waiting at the barrier."""

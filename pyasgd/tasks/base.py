@@ -3,6 +3,7 @@ knows nothing about translation; a task builds the model, yields each worker's b
 a batch's summed loss and evaluates a model."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -46,6 +47,22 @@ class Task:
         """Worker `worker` of `workers`' batches from `cursor` on, forever, each with the cursor
         of the batch after it. Each worker reads its own share of every epoch."""
         raise NotImplementedError
+
+    def shard_batches(self, worker: int, workers: int, epoch: int) -> int:
+        """How many batches worker `worker` of `workers` reads in `epoch` (its share): what a
+        fractional --max-epochs counts in."""
+        raise NotImplementedError
+
+    def passes_done(self, worker: int, workers: int, cursor: Cursor, limit: float) -> bool:
+        """Whether a worker at `cursor` has made `limit` passes over its shard (--max-epochs).
+        A whole number compares the epoch alone (a pass ends with the shard's last batch); a
+        fraction also counts batches into the last epoch: 2.5 stops halfway through the third."""
+        if cursor.epoch >= limit:
+            return True
+        whole = math.floor(limit)
+        if cursor.epoch < whole:
+            return False
+        return cursor.index >= (limit - whole) * self.shard_batches(worker, workers, cursor.epoch)
 
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
         """(loss summed over target tokens, number of target tokens)."""

@@ -68,6 +68,9 @@ class SyntheticTask(Task):
                 yield batch, nxt
             epoch, index = epoch + 1, 0
 
+    def shard_batches(self, worker: int, workers: int, epoch: int) -> int:
+        return len(range(worker, self.config.train_size, workers)) // self.config.batch_size
+
     def epoch_tokens(self) -> int:
         return self.config.train_size * self.config.seq_len
 

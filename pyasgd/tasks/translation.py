@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyasgd.data import corpus as corpus_mod
-from pyasgd.data.batching import collate, worker_batches
+from pyasgd.data.batching import collate, epoch_batches, worker_batches
 from pyasgd.data.subword import PAD, train_or_load
 from pyasgd.models import build, model_config_from
 from pyasgd.models.search import beam_search, greedy
@@ -66,6 +66,7 @@ class TranslationTask(Task):
         self.train_src = [src[i] for i in keep]
         self.train_tgt = [tgt[i] for i in keep]
         self.model_cfg = model_config_from(c)
+        self._shard_batches: dict[tuple[int, int, int], int] = {}
 
     def describe(self) -> str:
         c = self.corpus
@@ -86,6 +87,14 @@ class TranslationTask(Task):
         for batch, epoch, index in worker_batches(self.train_src, self.train_tgt, c.batch_tokens, c.seed,
                                                   worker, workers, cursor.epoch, cursor.index):
             yield batch, Cursor(epoch, index)
+
+    def shard_batches(self, worker: int, workers: int, epoch: int) -> int:
+        key = (worker, workers, epoch)
+        if key not in self._shard_batches:  # asked after every batch of the last pass: cache
+            c = self.config
+            lens = ([len(s) for s in self.train_src], [len(t) for t in self.train_tgt])
+            self._shard_batches[key] = len(epoch_batches(*lens, c.batch_tokens, c.seed, epoch)[worker::workers])
+        return self._shard_batches[key]
 
     def epoch_tokens(self) -> int:
         return sum(len(t) + 1 for t in self.train_tgt)  # with EOS, as SentenceBatch.tokens
