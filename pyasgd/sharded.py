@@ -29,6 +29,7 @@ import datetime
 import queue
 import threading
 import time
+import traceback
 
 import torch
 
@@ -101,6 +102,9 @@ class Mailbox:
             except RuntimeError as e:
                 self.events.put(("lost", dst, _first_line(e)))
                 return
+            except Exception:
+                self.events.put(("thread_failed", f"send-{dst}", traceback.format_exc()))
+                return
 
     def _receive_loop(self, src: int, tag: int) -> None:
         size = HDR * 8 + (self.width * 4 if tag == DATA else 0)
@@ -111,6 +115,9 @@ class Mailbox:
                 self.pg.recv([buf], src, tag).wait(FOREVER)
             except RuntimeError as e:
                 self.events.put(("lost", src, _first_line(e)))
+                return
+            except Exception:
+                self.events.put(("thread_failed", f"receive-{src}", traceback.format_exc()))
                 return
             header = buf[:HDR * 8].view(torch.int64).tolist()
             payload = None
@@ -201,6 +208,9 @@ class ShardServer:
             except RegionClosedError:
                 self.events.put(("closed",))
                 return
+            except Exception:  # any other failure must reach the server's loop, not die with the thread
+                self.events.put(("thread_failed", "collect", traceback.format_exc()))
+                return
             self.events.put(("local", b))
 
     # -- the loop ------------------------------------------------------------------------------
@@ -242,6 +252,8 @@ class ShardServer:
                 self._receive(ev[1], ev[2], ev[3])
             elif kind == "lost":
                 raise NodeLostError(f"the connection to node {ev[1]} failed: {ev[2]}")
+            elif kind == "thread_failed":
+                raise RuntimeError(f"the server's {ev[1]} thread failed:\n{ev[2]}")
             elif kind == "closed" and not self.stopping:
                 self._begin_stop(STOP, initiator=True)
             if not self.stopping and c.max_updates and self.up.step >= c.max_updates:

@@ -267,6 +267,25 @@ def test_shards_are_contiguous_and_even():
         assert max(hi - lo for lo, hi in b) - min(hi - lo for lo, hi in b) <= 1
 
 
+def test_a_failing_server_thread_reaches_the_servers_loop():
+    """An unexpected error in the collector (or a sender/receiver) thread becomes an event the
+    server's loop raises, naming the thread: before, the thread died silently and the user saw
+    "no gradients for --timeout s" two minutes later."""
+    import queue
+    import types
+
+    from pyasgd.sharded import ShardServer
+
+    class TornRegion:
+        def collect(self, g, timeout):
+            raise ValueError("slot 3 holds a torn header")
+
+    fake = types.SimpleNamespace(stopping=False, region=TornRegion(), events=queue.Queue())
+    ShardServer._collect_loop(fake)  # returns, having reported
+    kind, thread, text = fake.events.get_nowait()
+    assert (kind, thread) == ("thread_failed", "collect") and "slot 3 holds a torn header" in text
+
+
 def check_conservation(summary=None, shards=None):
     """Every gradient any node pushed reached every shard's owner exactly once (same count, same
     sum of piece ids) and was applied, dropped, skipped or held at the stop."""
