@@ -37,6 +37,15 @@ def agent_store() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
 
 
+def store_prefix() -> str:
+    """Our keys' namespace. Under torchrun the agent's store outlives a restart of its workers
+    (--max-restarts), so each attempt gets its own (TORCHELASTIC_RESTART_COUNT): the restarted
+    nodes must not find the ranks and heartbeats of the attempt that failed."""
+    if agent_store():
+        return f"{PREFIX}restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    return PREFIX
+
+
 def connect_store(config: TrainConfig, *, host: bool, timeout: float):
     """A TCPStore client of node 0's store (host=True: node 0 creates and serves it), prefixed
     with our namespace. Errors are RendezvousErrors that name the address, within `timeout`."""
@@ -52,7 +61,7 @@ def connect_store(config: TrainConfig, *, host: bool, timeout: float):
             why = "the port is in use" if "EADDRINUSE" in str(e) else _first_line(e)
             raise RendezvousError(f"node 0 cannot listen on port {port} for the rendezvous: {why}; choose "
                                   "another --master-port") from None
-        return PrefixStore(PREFIX, store)
+        return PrefixStore(store_prefix(), store)
     deadline = time.monotonic() + timeout
     _wait_reachable(addr, port, deadline, where)  # TCPStore's own connect retries for up to 2x its timeout
     try:
@@ -62,7 +71,7 @@ def connect_store(config: TrainConfig, *, host: bool, timeout: float):
         raise RendezvousError(f"node {config.node_rank} cannot join the rendezvous at {where}: "
                               f"{_first_line(e)}") from None
     store.set_timeout(td)
-    return PrefixStore(PREFIX, store)
+    return PrefixStore(store_prefix(), store)
 
 
 def _wait_reachable(addr: str, port: int, deadline: float, where: str) -> None:

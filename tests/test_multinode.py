@@ -138,6 +138,26 @@ def test_torchrun_environment_fills_the_node_settings_and_options_win(monkeypatc
         config_from_args(build_parser().parse_args(args))
 
 
+def test_a_torchrun_restart_gets_fresh_rendezvous_keys(monkeypatch):
+    """torchrun's agent store outlives a restart of its workers: the restarted node must not see
+    the rank its failed attempt registered ("another node already started with --node-rank")."""
+    from torch.distributed import TCPStore
+
+    from pyasgd.nodes import connect_store
+
+    port = free_port()
+    agent = TCPStore("127.0.0.1", port, 2, True, wait_for_workers=False)  # what torchrun's agent hosts
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "true")
+    c = TrainConfig(task="synthetic", mode="sync", max_updates=5, nnodes=2, node_rank=1,
+                    master_addr="127.0.0.1", master_port=port)
+    counts = []
+    for attempt in ("0", "0", "1"):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", attempt)
+        counts.append(connect_store(c, host=False, timeout=10).add("rank/1", 1))
+    assert counts == [1, 2, 1]  # the same attempt twice is a duplicate rank; a restart is not
+    del agent
+
+
 def test_help_lists_the_node_options(run_main):
     from pyasgd.cli import main
 
