@@ -293,9 +293,14 @@ def merge_summaries(per_node: dict[int, dict[str, Any]], size: int) -> dict[str,
             hist[k] = hist.get(k, 0) + v
     # With the sharded server every gradient reaches every shard's owner: node 0 (shard 0)
     # counted each gradient's tokens once, the other nodes counted the same ones again.
+    # Each owner drops its own pieces (a gradient's staleness differs by shard): the pieces
+    # dropped over all shards are "dropped_pieces", and "dropped_gradients" stays shard 0's count
+    # of whole gradients, as its tokens and gradients do (their sum counted a gradient up to M times).
     sharded = "shard" in per_node[0]
+    if sharded:
+        out["dropped_pieces"] = sum(s.get("dropped_gradients") or 0 for s in per_node.values())
     for key in SUMMED:
-        if sharded and key in ("tokens", "gradients", "wps"):
+        if sharded and key in ("tokens", "gradients", "wps", "dropped_gradients"):
             continue
         values = [s.get(key) for s in per_node.values()]
         if all(v is not None for v in values):

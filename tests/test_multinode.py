@@ -184,6 +184,16 @@ def test_merge_summaries_adds_the_nodes_up():
     assert [n.get("missing", False) for n in m["nodes"]] == [False, False, True]
 
 
+def test_merged_sharded_summaries_count_each_gradient_once():
+    # The sharded server: every gradient reaches every shard, so node 0's (shard 0's) counts are
+    # the run's; the pieces each owner dropped are summed apart.
+    s0 = {"shard": {}, "tokens": 100, "gradients": 10, "dropped_gradients": 2, "worker_restarts": 0}
+    s1 = {"shard": {}, "tokens": 100, "gradients": 10, "dropped_gradients": 3, "worker_restarts": 1}
+    m = merge_summaries({0: s0, 1: s1}, 2)
+    assert (m["tokens"], m["gradients"], m["dropped_gradients"], m["dropped_pieces"]) == (100, 10, 2, 5)
+    assert m["worker_restarts"] == 1  # each node's own workers: summed
+
+
 # --- rendezvous errors ----------------------------------------------------------------------------
 
 @pytest.mark.slow
