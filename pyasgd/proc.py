@@ -80,3 +80,11 @@ def stop_resource_tracker() -> None:
     stop = getattr(resource_tracker._resource_tracker, "_stop", None)
     if stop is not None:
         stop()
+
+
+def server_fault(step: int) -> None:
+    """Tests make a server fail on its own (not a lost node) with PYASGD_TEST_SERVER_FAULT=<update>:
+    it raises once it has applied that update."""
+    at = os.environ.get("PYASGD_TEST_SERVER_FAULT", "")
+    if at and step == int(at):
+        raise RuntimeError(f"injected fault in the server after update {step} (PYASGD_TEST_SERVER_FAULT)")

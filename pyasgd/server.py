@@ -10,6 +10,7 @@ and so does the simulator (its published vector is not double-buffered)."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ import torch
 from pyasgd import _ext
 from pyasgd.config import TrainConfig
 from pyasgd.optim import fused_adam_step
-from pyasgd.proc import become_child, parent_gone, run_reporting
+from pyasgd.proc import become_child, parent_gone, run_reporting, server_fault
 from pyasgd.schedule import learning_rate
 
 
@@ -394,11 +395,25 @@ def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, position
                                 [config.global_rank(w) for w in batch.workers], t0, positions=batch.positions))
             if res.applied and config.save_every and up.step % config.save_every == 0:
                 save()
+            server_fault(up.step)
             if config.max_updates and up.step >= config.max_updates:
                 return "max_updates", _measured(written, rounds)
-    except NodeLostError:
-        save()  # the last update every node applied: the pair resumes from here
+    except Exception as e:
+        # A lost node, or this server's own failure (no gradients for --timeout, ...): the last
+        # update every node applied is saved, so the pair resumes from here (the launcher tells
+        # the other nodes why this one stopped).
+        _save_after(save, e)
         raise
+
+
+def _save_after(save, error: BaseException) -> None:
+    """The checkpoint after a failure across nodes; a save that fails too (a broken CUDA context,
+    a full disk) must not hide the error that stopped the server."""
+    try:
+        save()
+    except Exception as e2:  # the caller re-raises the original error
+        first = (str(error).splitlines() or [type(error).__name__])[0]
+        print(f"pyasgd-server: saving the checkpoint after '{first}' failed too: {e2}", file=sys.stderr)
 
 
 def _bytes_written() -> int | None:
@@ -456,7 +471,7 @@ def _serve_shard(args: ServerArgs, region, up: Updater, current, positions, prog
     """Asynchronous SGD across nodes: this server owns one shard (pyasgd/sharded.py). Returns why
     it stopped and the shard's counts (the server_done record's "shard", and the checkpoint's
     "shard_stats", which outlives a killed launcher)."""
-    from pyasgd.internode import NodeGroup, NodeLostError
+    from pyasgd.internode import NodeGroup
     from pyasgd.sharded import ShardServer, shard_bounds
 
     config = args.config
@@ -474,7 +489,7 @@ def _serve_shard(args: ServerArgs, region, up: Updater, current, positions, prog
     args.queue.put({"kind": "server_ready"})
     try:
         reason = server.run()
-    except NodeLostError:
-        save()  # this shard as it stands: the pair resumes from the shards' checkpoints
+    except Exception as e:
+        _save_after(save, e)  # this shard as it stands: the pair resumes from the shards' checkpoints
         raise
     return reason, {"shard": server.stats}

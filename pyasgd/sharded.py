@@ -34,6 +34,7 @@ import traceback
 import torch
 
 from pyasgd.internode import FAIL, STOP, NodeGroup, NodeLostError
+from pyasgd.proc import server_fault
 
 HDR = 8                   # int64 words in every message's header: [kind, ...]
 GRAD, UPDATE, ACK, STOP_MSG, FIN_GRADS, FIN_UPDATES, FIN_CTRL = range(1, 8)
@@ -418,6 +419,7 @@ class ShardServer:
             self.mail.send(p, DATA, [UPDATE, self.up.step], values)
         if self.config.save_every and self.up.step % self.config.save_every == 0:
             self.save()
+        server_fault(self.up.step)
         return self.up.step
 
     def _publish(self, write) -> None:

@@ -463,6 +463,20 @@ def test_a_failing_node_fails_the_other_naming_it(tmp_path, mode):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_server_failing_on_its_own_saves_its_checkpoint_and_names_itself(tmp_path, mode):
+    """Not a lost node: node 1's server itself raises after update 12 (as an idle --timeout or a
+    CUDA error would). It saves its checkpoint first (--save-every 0: no other would exist), and
+    node 0 stops naming it."""
+    _, procs = start_nodes(tmp_path, "--mode", mode, "--max-updates", "100000", "--max-time", "0", "--save-every", "0",
+                           "--timeout", "30", env={1: {"PYASGD_TEST_SERVER_FAULT": "12"}})
+    (code0, _, err0), (code1, _, err1) = finish(procs, timeout=120)
+    assert code1 == 1 and "injected fault in the server after update 12" in err1, err1
+    assert code0 == 1 and "node 1 failed: server failed" in err0, err0
+    assert checkpoint.load(str(tmp_path / "run1" / "checkpoint.pt"))["server"]["step"] == 12
+
+
+@pytest.mark.slow
 def test_an_interrupted_node_stops_the_other_after_the_same_update(tmp_path):
     _, procs = start_nodes(tmp_path, "--max-updates", "100000", "--max-time", "0", "--timeout", "30")
     wait_training(tmp_path, procs)
