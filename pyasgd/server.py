@@ -19,7 +19,7 @@ import torch
 from pyasgd import _ext
 from pyasgd.config import TrainConfig
 from pyasgd.optim import fused_adam_step
-from pyasgd.proc import become_child, parent_gone, run_reporting, server_fault
+from pyasgd.proc import become_child, injected_server_fault, parent_gone, run_reporting, server_fault_step
 from pyasgd.schedule import learning_rate
 
 
@@ -336,6 +336,7 @@ def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, position
     buf = torch.empty(region.n + config.nnodes + 1)
     held: list = []  # this round's local gradients, taken one at a time
     idle_since = time.monotonic()
+    fault_at = server_fault_step()
     try:
         while True:
             vote = GO
@@ -395,7 +396,8 @@ def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, position
                                 [config.global_rank(w) for w in batch.workers], t0, positions=batch.positions))
             if res.applied and config.save_every and up.step % config.save_every == 0:
                 save()
-            server_fault(up.step)
+            if up.step == fault_at:
+                raise injected_server_fault(up.step)
             if config.max_updates and up.step >= config.max_updates:
                 return "max_updates", _measured(written, rounds)
     except Exception as e:

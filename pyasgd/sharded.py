@@ -34,7 +34,7 @@ import traceback
 import torch
 
 from pyasgd.internode import FAIL, STOP, NodeGroup, NodeLostError
-from pyasgd.proc import server_fault
+from pyasgd.proc import injected_server_fault, server_fault_step
 
 HDR = 8                   # int64 words in every message's header: [kind, ...]
 GRAD, UPDATE, ACK, STOP_MSG, FIN_GRADS, FIN_UPDATES, FIN_CTRL = range(1, 8)
@@ -149,6 +149,7 @@ class ShardServer:
             region, up, current, positions, progress, t0)
         self.save, self.record = save, record  # record: server.update_record (the server's record format)
         self.group, self.bounds = group, bounds
+        self.fault_at = server_fault_step()  # tests only (PYASGD_TEST_SERVER_FAULT)
         self.R, self.M = group.rank, group.size
         self.lo, self.hi = bounds[self.R]
         self.sv = [0] * self.M          # each shard's version as this node has published it
@@ -419,7 +420,8 @@ class ShardServer:
             self.mail.send(p, DATA, [UPDATE, self.up.step], values)
         if self.config.save_every and self.up.step % self.config.save_every == 0:
             self.save()
-        server_fault(self.up.step)
+        if self.up.step == self.fault_at:
+            raise injected_server_fault(self.up.step)
         return self.up.step
 
     def _publish(self, write) -> None:
