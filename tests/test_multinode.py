@@ -270,7 +270,7 @@ def test_sync_across_two_nodes_equals_one_node_of_four_workers(tmp_path):
             flat.zero_grad()
             loss, _ = task.loss(flat.model, next(data[i])[0])
             loss.backward()
-            grads.append(flat.grads.clone())
+            grads.append(flat.grads.to(torch.bfloat16) if c.grad_dtype == "bf16" else flat.grads.clone())
         assert up.apply(grads, [0] * 4).applied
     for node in got:
         assert node["step"] == steps

@@ -119,7 +119,7 @@ def test_bf16_gradients_train_in_the_simulator_and_change_the_run(tmp_path):
     kw = dict(simulate=True, mode="async", global_accum=2, max_updates=400)
     summary = train(cfg(tmp_path, "bf16", grad_dtype="bf16", **kw))
     assert summary["final_valid"]["accuracy"] > 0.6
-    train(cfg(tmp_path, "fp32", **kw))
+    train(cfg(tmp_path, "fp32", grad_dtype="fp32", **kw))
     bf16, fp32 = (checkpoint.load(str(tmp_path / d / "checkpoint.pt"))["server"] for d in ("bf16", "fp32"))
     assert bf16["params"].dtype == torch.float32
     assert not torch.equal(bf16["params"], fp32["params"])  # the gradients really were rounded
@@ -234,7 +234,8 @@ def test_sync_matches_single_process_with_summed_batches(tmp_path):
             flat.zero_grad()
             loss, _ = task.loss(flat.model, next(data[i])[0])
             loss.backward()
-            grads.append(flat.grads.clone())
+            # what a pusher puts in its slot: rounded to bf16 (the default) or as it is
+            grads.append(flat.grads.to(torch.bfloat16) if c.grad_dtype == "bf16" else flat.grads.clone())
         assert up.apply(grads, [0] * c.workers).applied
     assert got["step"] == 6
     for key, mine in (("params", up.master), ("exp_avg", up.exp_avg), ("exp_avg_sq", up.exp_avg_sq)):
