@@ -203,3 +203,25 @@ def test_the_shipped_study_files_expand_or_say_what_they_need(name):
         assert ("pyasgd-data bible" in str(e) and "en-ru" in str(e)) or "CUDA is not available" in str(e), str(e)
         return
     assert len(cells) >= 4 and len({c.name for c in cells}) == len(cells)
+
+
+def test_table3_without_a_sync_cell_has_as_many_columns_in_every_row():
+    """A block with no sync cell has no BLEU targets: its table has no time columns, and every
+    row (header, separator, cells) has as many columns as the header names."""
+    from pyasgd.study_report import table3
+
+    def row(method, G, bleu):
+        return {"cell": f"{method}-lr0.002-s1", "method": method, "lr": 0.002, "seed": 1, "pair": "bundled",
+                "variant": {"workers": 8}, "status": "done", "time_kind": "virtual", "bleu_targets": "",
+                "local_accum": 1, "global_accum": G, "tokens_per_update": 500 * G, "avg_staleness": 0.9,
+                "wps": 40000.0, "best_valid_bleu": bleu, "test_bleu": bleu, "_valid": [
+                    {"update": 10, "vtime": 1.0, "bleu": bleu}]}
+
+    lines = table3([row("async", 1, 0.01), row("async-globalN", 8, 0.11)])
+    table = [line for line in lines if line.startswith("|")]
+    assert table[0] == ("| method | k | G | tokens/update | avg staleness | wps | best dev BLEU | test BLEU | "
+                        "speed-up over sync |")
+    assert len(table) == 4 and {line.count("|") for line in table} == {10}
+    with_sync = table3([row("sync", 8, 2.0), row("async-globalN", 8, 0.11)])
+    table = [line for line in with_sync if line.startswith("|")]
+    assert "virtual s to 1.6" in table[0] and len({line.count("|") for line in table}) == 1
