@@ -240,6 +240,7 @@ def run_study(path: str, out: str, jobs: int = 1, echo=print) -> int:
         return ok
 
     items = list(enumerate(cells, 1))
+    started = time.monotonic()
     pool = ThreadPoolExecutor(jobs) if jobs > 1 else None
     try:
         results = list(pool.map(one, items)) if pool else [one(item) for item in items]
@@ -250,8 +251,9 @@ def run_study(path: str, out: str, jobs: int = 1, echo=print) -> int:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
     failed = results.count(False)
-    echo(f"pyasgd-study: {total - failed} of {total} cells finished, {failed} failed; "
-         f"pyasgd-study report {out}")
+    took = time.monotonic() - started
+    echo(f"pyasgd-study: {total - failed} of {total} cells finished, {failed} failed, in {took / 60:.1f} min "
+         f"with --jobs {jobs}; pyasgd-study report {out}")
     return failed
 
 

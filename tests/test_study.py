@@ -2,6 +2,7 @@
 cell, and study files that must fail before any cell runs."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -155,7 +156,7 @@ def test_a_failing_cell_is_recorded_and_the_others_complete(tmp_path, run_main):
     r = run_main(main, "run", study, "--out", out)
     assert r.returncode == 1
     assert r.stdout.count(": FAILED after") == 2 and r.stdout.count(": finished (") == 0
-    assert "2 of 4 cells finished, 2 failed" in r.stdout
+    assert re.search(r"2 of 4 cells finished, 2 failed, in \d+\.\d min with --jobs \d", r.stdout), r.stdout
     rows = {row["cell"]: row for row in read_json(out / "report.json")}
     failed = [row for row in rows.values() if row["status"] == "failed"]
     assert len(failed) == 2 and all("not a run directory" in row["error"] for row in failed)
