@@ -89,7 +89,7 @@ def shm_names() -> set[str]:
 
 
 def base_command(task: str, out: str, corpus: dict[str, str]) -> list[str]:
-    cmd = [sys.executable, "-m", "pyasgd.cli", "--workers", "2", "--max-time", "0", "--quiet", "--out", out,
+    cmd = [sys.executable, "-m", "pyasgd.trainer.cli", "--workers", "2", "--max-time", "0", "--quiet", "--out", out,
            "--save-every", "25", "--timeout", "60"]
     if task == "synthetic":
         return cmd + ["--task", "synthetic", "--compute-delay", "0.005", "--max-updates", "600", "--lr", "2e-3",
@@ -210,7 +210,7 @@ def one_run(i: int, fault: str, task: str, rng: random.Random, work: str, corpus
     if os.path.exists(ckpt) and os.path.exists(os.path.join(out, "config.json")):
         step = int(torch.load(ckpt, map_location="cpu", weights_only=True)["server"]["step"])
         env.pop("PYASGD_TEST_FAULT", None)
-        r = subprocess.run([sys.executable, "-m", "pyasgd.cli", "--resume", out, "--max-updates", str(step + 10),
+        r = subprocess.run([sys.executable, "-m", "pyasgd.trainer.cli", "--resume", out, "--max-updates", str(step + 10),
                             "--quiet"], env=env, capture_output=True, text=True, timeout=300)
         o.resumed = r.returncode == 0
         if not o.resumed:
@@ -221,7 +221,7 @@ def one_run(i: int, fault: str, task: str, rng: random.Random, work: str, corpus
 # --- the ring: every committed gradient summed exactly once under concurrent reclaim ------------
 
 def _pusher(name: str, worker: int, pushes: int, n: int, pace: float) -> None:
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     for seq in range(pushes):
@@ -238,7 +238,7 @@ def ring_check(rounds: int = 40, n: int = 1_000_003, pushes: int = 300, seed: in
     seq: a collected slot whose content is not that value would be two gradients in one buffer."""
     import multiprocessing as mp
 
-    from pyasgd.exchange import RegionTimeoutError, SharedRegion
+    from pyasgd.core.region import RegionTimeoutError, SharedRegion
 
     ctx = mp.get_context("spawn")
     rng = random.Random(seed)

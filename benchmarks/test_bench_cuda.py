@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from pyasgd import _ext
-from pyasgd.optim import adam_step_reference, fused_adam_step
+from pyasgd.core import ext as _ext
+from pyasgd.core.fused import adam_step_reference, fused_adam_step
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.cuda_built()),
                                 reason="needs a CUDA device and a CUDA build of pyasgd._C")
@@ -132,7 +132,7 @@ def test_cuda_server_step_vs_torch_compile_and_eager(report, P):
 
 
 def test_pinned_push_and_pull_vs_cudamemcpy(report):
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     P = 25_000_000
     dev = torch.device("cuda")

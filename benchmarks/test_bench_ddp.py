@@ -22,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from pyasgd.config import TrainConfig
-from pyasgd.launcher import train
+from pyasgd.trainer.launch import train
 
 SECONDS = float(os.environ.get("PYASGD_E2E_SECONDS", "120"))
 N = int(os.environ.get("PYASGD_E2E_WORKERS", "2"))
@@ -47,7 +47,7 @@ def _ddp_rank(rank: int, config: TrainConfig, port: int, slow_rank: int, results
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from pyasgd.schedule import learning_rate
+    from pyasgd.trainer.schedule import learning_rate
     from pyasgd.tasks import Cursor, make_task
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

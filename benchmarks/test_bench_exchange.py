@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import mp_helpers  # noqa: E402
-from pyasgd.exchange import SharedRegion  # noqa: E402
+from pyasgd.core.region import SharedRegion  # noqa: E402
 
 P = 25_000_000
 BYTES = 4 * P

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from pyasgd import _ext
-from pyasgd.optim import adam_step_reference, fused_adam_step
+from pyasgd.core import ext as _ext
+from pyasgd.core.fused import adam_step_reference, fused_adam_step
 
 P = 25_000_000
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)

@@ -13,9 +13,9 @@ import os
 import pytest
 import torch
 
-from pyasgd import _ext
+from pyasgd.core import ext as _ext
 from pyasgd.config import TrainConfig
-from pyasgd.launcher import train
+from pyasgd.trainer.launch import train
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and _ext.cuda_built()),
                                 reason="needs a CUDA device and a CUDA build of pyasgd._C")

@@ -21,7 +21,7 @@ import sys
 import pytest
 
 from pyasgd.config import TrainConfig
-from pyasgd.launcher import train
+from pyasgd.trainer.launch import train
 
 SECONDS = float(os.environ.get("PYASGD_BENCH_SECONDS", "8"))
 MODES = {"sync": dict(mode="sync"), "async G=2": dict(mode="async", global_accum=2)}
@@ -43,7 +43,7 @@ def _two_nodes(tmp_path, kw: dict) -> list[dict]:
     for k, v in {**COMMON, **kw, "workers": 1, "max_time": SECONDS, "nnodes": 2, "master_port": port}.items():
         flag = "--" + k.replace("_", "-")
         opts += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
-    procs = [subprocess.Popen([sys.executable, "-m", "pyasgd.cli", *opts, "--node-rank", str(r),
+    procs = [subprocess.Popen([sys.executable, "-m", "pyasgd.trainer.cli", *opts, "--node-rank", str(r),
                                "--out", str(tmp_path / f"node{r}")], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for p in procs:
@@ -70,7 +70,7 @@ def _sent_per_update(node: dict, P: int, M: int = 2) -> tuple[float, str]:
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_two_nodes_against_one(benchmark, report, tmp_path, mode):
-    from pyasgd.flat import FlatModel
+    from pyasgd.core.flat import FlatModel
     from pyasgd.tasks import make_task
 
     kw = MODES[mode]

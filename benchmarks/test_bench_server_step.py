@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from pyasgd.optim import fused_adam_step
+from pyasgd.core.fused import fused_adam_step
 
 P = 25_000_000
 G = 4

@@ -5,7 +5,7 @@ Run: python -m pytest benchmarks/test_bench_trainer.py --benchmark-only -s
 import pytest
 
 from pyasgd.config import TrainConfig
-from pyasgd.launcher import train
+from pyasgd.trainer.launch import train
 
 SECONDS = 8.0
 METHODS = {

@@ -6,7 +6,7 @@ Run: python -m pytest benchmarks/test_bench_translation.py --benchmark-only
 import pytest
 
 from pyasgd.config import TrainConfig
-from pyasgd.launcher import train
+from pyasgd.trainer.launch import train
 
 SECONDS = 60.0
 WPS: dict[str, float] = {}

@@ -1,5 +1,5 @@
 """Type stubs of pyasgd's compiled core (csrc/bindings.cpp, csrc/region_bind.cpp). Entry points
-take raw addresses (tensor.data_ptr()); pyasgd.optim and pyasgd.exchange validate the tensors."""
+take raw addresses (tensor.data_ptr()); pyasgd.core.fused and pyasgd.core.region validate the tensors."""
 
 __version__: str
 compiler: str

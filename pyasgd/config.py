@@ -29,7 +29,7 @@ GRAD_DTYPES = ("fp32", "bf16")
 # Marks a setting that shapes the model or the data: a resumed run must keep it (see rundir.py).
 FIXED = {"resume": "fixed"}
 # Settings each node of a multi-node run chooses for itself; every other setting must be the same
-# on every node, and the nodes check it at rendezvous (pyasgd/nodes.py).
+# on every node, and the nodes check it at rendezvous (pyasgd/nodes/rendezvous.py).
 PER_NODE = ("node_rank", "out", "resume", "quiet", "devices", "server_device", "threads", "worker_slowdown",
             "valid_process", "master_addr")
 

@@ -9,7 +9,8 @@ import torch
 
 
 def build_info() -> dict:
-    from pyasgd import __version__, _ext
+    from pyasgd import __version__
+    from pyasgd.core import ext as _ext
 
     info = {
         "pyasgd": __version__,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from pyasgd import _ext
+from pyasgd.core import ext as _ext
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 

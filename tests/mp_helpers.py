@@ -6,7 +6,7 @@ import torch
 
 def writer(name, worker, pushes, n, slots_timeout=30.0):
     """Pushes integer-valued gradients: element j of push i is (worker+1)*1000 + i%1000 + j."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     base = torch.arange(n, dtype=torch.float32)
@@ -35,7 +35,7 @@ def seeded_grad(worker, i, n):
 
 def seeded_writer(name, worker, pushes, n):
     """Pushes seeded_grad(worker, i, n) for i < pushes, with i as the position."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     for i in range(pushes):
@@ -45,7 +45,7 @@ def seeded_writer(name, worker, pushes, n):
 
 def push_tensors(name, grads):
     """Pushes the given gradients, in order (worker i for the i-th)."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     for i, g in enumerate(grads):
@@ -56,7 +56,7 @@ def push_tensors(name, grads):
 def reader(name, until_version, q, started):
     """Pulls continuously; reports (pulls, distinct versions, problems) where a problem is a torn
     or backward pull."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     dst = torch.empty(region.n)
@@ -79,7 +79,7 @@ def reader(name, until_version, q, started):
 
 def hold_slot_then_sleep(name, ready):
     """Claims a slot and never commits it (the test kills this process with SIGKILL)."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     region._handle().claim(99, 5.0)
@@ -90,7 +90,7 @@ def hold_slot_then_sleep(name, ready):
 def timed_pusher(name, count, gap_s):
     """Pushes `count` gradients `gap_s` apart, each stamped (in `loss`) with its monotonic push
     time in ns, so the server can measure wake-up latency across processes."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     g = torch.zeros(region.n)
@@ -102,7 +102,7 @@ def timed_pusher(name, count, gap_s):
 
 def bulk_pusher(name, count, worker, barrier):
     """Attaches, waits at the barrier with the others (and the server), then pushes `count`."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     g = torch.ones(region.n)
@@ -125,7 +125,7 @@ def _delay(spec):
 
 def claimer(name, attached, go, claimed, worker):
     """Attaches, waits for `go`, claims a slot and holds it uncommitted until killed."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     attached.set()
@@ -137,7 +137,7 @@ def claimer(name, attached, go, claimed, worker):
 
 def slow_reclaimer(name, started, q, delay_ms):
     """reclaim_dead() with a pause between seeing a dead owner and its compare-and-swap."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     _delay(f"reclaim:{delay_ms}")
     region = SharedRegion.attach(name)
@@ -148,7 +148,7 @@ def slow_reclaimer(name, started, q, delay_ms):
 
 def delayed_pusher(name, attached, go, worker, delay_ms):
     """Pushes one gradient of `worker`'s value with a pause right after the claim's CAS."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     _delay(f"claim:{delay_ms}")
     region = SharedRegion.attach(name)
@@ -161,7 +161,7 @@ def delayed_pusher(name, attached, go, worker, delay_ms):
 def commit_twice(name, committed, collected, q):
     """Pushes by claim + commit, then (once the server holds the slot) commits and abandons the
     same slot again; reports what each of those did."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     region = SharedRegion.attach(name)
     h = region._handle()
@@ -184,7 +184,7 @@ def commit_twice(name, committed, collected, q):
 def delayed_reader(name, ready, q, delay_ms):
     """One pull with a pause between reading the published word and the buffer's sequence;
     reports (version, min, max) of what it copied."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     _delay(f"read:{delay_ms}")
     region = SharedRegion.attach(name)
@@ -196,7 +196,7 @@ def delayed_reader(name, ready, q, delay_ms):
 
 
 def attach_and_sleep(name, attached):
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     SharedRegion.attach(name)
     attached.set()

@@ -15,9 +15,9 @@ import torch
 
 import mp_helpers
 from pyasgd.config import TrainConfig
-from pyasgd.exchange import (READY, SharedRegion, RegionClosedError, RegionTimeoutError,
+from pyasgd.core.region import (READY, SharedRegion, RegionClosedError, RegionTimeoutError,
                              default_slots)
-from pyasgd.optim import adam_step_reference, bounds_verdict, fused_adam_step
+from pyasgd.core.fused import adam_step_reference, bounds_verdict, fused_adam_step
 
 CTX = mp.get_context("spawn")
 
@@ -25,7 +25,7 @@ CTX = mp.get_context("spawn")
 def server_step(region, batch, master, m, v, **adam):
     """The server's protocol around one update: the fused step writes the back buffer, which is
     published only when the step was applied; the batch's slots are released either way."""
-    from pyasgd.optim import fused_adam_step
+    from pyasgd.core.fused import fused_adam_step
 
     back, ok = region.begin_update(), False
     try:
@@ -142,7 +142,7 @@ def test_killed_writer_holding_a_slot_is_reclaimed():
 
 OWNER = textwrap.dedent("""
     import sys, time, torch
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
     r = SharedRegion.create(1000, 4)
     print(r.name, flush=True)
     if sys.argv[1] == "raise":
@@ -310,7 +310,7 @@ def test_bf16_slots_carry_rounded_gradients_and_the_update_is_the_fp32_one_on_th
 def test_a_non_finite_gradient_in_a_bf16_slot_skips_the_update(mode, bad):
     """3.4e38 is finite in fp32 but rounds to inf in bf16: the pusher's bound says so, and the
     server's update (no master copy) is skipped, in sync mode still published unchanged."""
-    from pyasgd.server import Updater
+    from pyasgd.trainer.server import Updater
 
     n = 1000
     c = TrainConfig(task="synthetic", workers=2, mode=mode, quiet=True, max_updates=1)
@@ -409,7 +409,7 @@ def test_cuda_push_and_pull_through_pinned_region():
         # the CUDA fused update reads the pinned slot directly and writes the back buffer
         master, m, vv = init.clone(), torch.zeros_like(init), torch.zeros_like(init)
         ref = [init.clone(), torch.zeros_like(init), torch.zeros_like(init)]
-        from pyasgd.optim import adam_step_reference
+        from pyasgd.core.fused import adam_step_reference
         adam_step_reference(*ref, [g], step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
         assert server_step(region, batch, master, m, vv, step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8)
         assert ((master - ref[0]).abs().max() / ref[0].abs().max()).item() < 1e-6
@@ -421,7 +421,7 @@ def test_cuda_push_and_pull_through_pinned_region():
 def test_cuda_push_copies_exactly_measures_the_bound_and_never_leaks_a_slot(monkeypatch, offset):
     import math
 
-    from pyasgd import exchange
+    from pyasgd.core import region as exchange
 
     n = 1_000_003
     with SharedRegion.create(n, 2, pin=True) as region:
@@ -450,7 +450,7 @@ def test_cuda_push_copies_exactly_measures_the_bound_and_never_leaks_a_slot(monk
 def test_cuda_push_into_bf16_slots_rounds_to_nearest_even_and_bounds_the_rounded_values(monkeypatch):
     """Both GPU pushes into a bf16 region, the fused kernel and torch's fallback, store what
     g.to(bfloat16) holds and bound it (3.4e38, finite in fp32, rounds to inf and says so)."""
-    from pyasgd import exchange
+    from pyasgd.core import region as exchange
 
     n = 1_000_003
     g = torch.randn(n, device="cuda") * 1e3

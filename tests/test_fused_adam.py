@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyasgd import FusedAdam, fused_adam_step
-from pyasgd.optim import adam_step_reference
+from pyasgd.core.fused import adam_step_reference
 from conftest import DEVICES
 
 SIZES = [1, 7, 22, 1023, 2**20 + 3]
@@ -60,8 +60,8 @@ def test_every_simd_level_matches_reference(device, simd, tmp_path):
     if device == "cuda":
         pytest.skip("SIMD levels are a CPU matter")
     code = f"""
-import torch, pyasgd._ext as e
-from pyasgd.optim import fused_adam_step, adam_step_reference
+import torch, pyasgd.core.ext as e
+from pyasgd.core.fused import fused_adam_step, adam_step_reference
 assert e.ext().cpu_simd_level() in ({simd!r}, 'avx2', 'scalar'), e.ext().cpu_simd_level()
 print(e.ext().cpu_simd_level())
 torch.manual_seed(0)
@@ -74,7 +74,7 @@ for n in (1, 7, 22, 1023, 300001):
         assert adam_step_reference(*b, gs, step=s, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
     for x, y in zip(a, b):
         assert ((x - y).abs().max() / y.abs().max()).item() < 1e-6
-from pyasgd.exchange import SharedRegion  # the pushers' copy + bound, at this SIMD level too
+from pyasgd.core.region import SharedRegion  # the pushers' copy + bound, at this SIMD level too
 for n in (1, 7, 22, 300001):
     with SharedRegion.create(n, 2) as r:
         g = torch.randn(n)
@@ -460,7 +460,7 @@ def test_bf16_copy_bounds_prove_the_sum_finite_and_the_update_is_one_pass(monkey
     kernel is called with assume_finite (no check pass) and gives the checked call's result. A
     finite fp32 value that rounds to inf in bf16 gives an inf bound: the update is skipped."""
     import pyasgd._C as C
-    import pyasgd.optim as optim
+    import pyasgd.core.fused as optim
 
     n, G = 4099, 4
     gen = torch.Generator().manual_seed(11)

@@ -115,7 +115,7 @@ def test_adam_denominator_divides_bit_exactly(simd):
 # either end of a tile, and a misaligned param_out.
 BF16_PARAM_OUT = r"""
 import torch
-from pyasgd.optim import fused_adam_step
+from pyasgd.core.fused import fused_adam_step
 H = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
 torch.manual_seed(0)
 for n in (1, 7, 22, 1023, 300001):

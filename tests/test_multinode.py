@@ -12,10 +12,10 @@ import time
 import pytest
 import torch
 
-from pyasgd import checkpoint
+from pyasgd.core import checkpoint
 from pyasgd.config import PER_NODE, TrainConfig
 from pyasgd.errors import ConfigError
-from pyasgd.nodes import first_difference, merge_summaries
+from pyasgd.nodes.rendezvous import first_difference, merge_summaries
 
 
 def free_port():
@@ -30,7 +30,7 @@ def read_json(path):
 
 
 def node_args(tmp_path, rank, port, *extra, name="run"):
-    return [sys.executable, "-m", "pyasgd.cli", "--task", "synthetic", "--mode", "sync", "--workers", "2",
+    return [sys.executable, "-m", "pyasgd.trainer.cli", "--task", "synthetic", "--mode", "sync", "--workers", "2",
             "--nnodes", "2", "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
             "--threads", "1", "--quiet", "--no-valid-process", "--valid-every", "0", "--lr", "1e-2", "--warmup", "2",
             "--out", str(tmp_path / f"{name}{rank}"), *map(str, extra)]
@@ -119,7 +119,7 @@ def test_G_and_the_data_count_every_node():
 
 
 def test_torchrun_environment_fills_the_node_settings_and_options_win(monkeypatch):
-    from pyasgd.cli import build_parser, config_from_args
+    from pyasgd.trainer.cli import build_parser, config_from_args
 
     env = {"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29511", "LOCAL_WORLD_SIZE": "1"}
     for k, v in env.items():
@@ -143,7 +143,7 @@ def test_a_torchrun_restart_gets_fresh_rendezvous_keys(monkeypatch):
     the rank its failed attempt registered ("another node already started with --node-rank")."""
     from torch.distributed import TCPStore
 
-    from pyasgd.nodes import connect_store
+    from pyasgd.nodes.rendezvous import connect_store
 
     port = free_port()
     agent = TCPStore("127.0.0.1", port, 2, True, wait_for_workers=False)  # what torchrun's agent hosts
@@ -159,7 +159,7 @@ def test_a_torchrun_restart_gets_fresh_rendezvous_keys(monkeypatch):
 
 
 def test_help_lists_the_node_options(run_main):
-    from pyasgd.cli import main
+    from pyasgd.trainer.cli import main
 
     r = run_main(main, "--help")
     for opt in ("--nnodes", "--node-rank", "--master-addr", "--master-port", "torchrun"):
@@ -167,7 +167,7 @@ def test_help_lists_the_node_options(run_main):
 
 
 def test_first_difference_follows_the_fields_and_per_node_ones_are_free():
-    from pyasgd.nodes import agreement
+    from pyasgd.nodes.rendezvous import agreement
 
     a, b = agreement(base(seed=1, lr=1e-3)), agreement(base(seed=2, lr=2e-3))
     assert first_difference(a, b) == "seed"  # seed comes before lr among the fields
@@ -249,8 +249,8 @@ def test_sync_across_two_nodes_equals_one_node_of_four_workers(tmp_path):
     """2 nodes x 2 workers make, update by update, what one node of 4 workers makes on the same
     batches (worker R*N + r reads the global shard R*N + r): replayed here in one process, the
     way tests/test_trainer.py checks one node's sync against the same replay."""
-    from pyasgd.flat import FlatModel
-    from pyasgd.server import Updater
+    from pyasgd.core.flat import FlatModel
+    from pyasgd.trainer.server import Updater
     from pyasgd.tasks import Cursor, make_task
 
     steps = 6
@@ -289,7 +289,7 @@ def test_sync_across_two_nodes_equals_one_node_of_four_workers(tmp_path):
 # --- asynchronous SGD across nodes: the sharded server ----------------------------------------------
 
 def test_shards_are_contiguous_and_even():
-    from pyasgd.sharded import shard_bounds
+    from pyasgd.nodes.sharded import shard_bounds
 
     for n, m in ((7, 2), (22, 3), (1, 1), (2 ** 20 + 3, 4)):
         b = shard_bounds(n, m)
@@ -304,7 +304,7 @@ def test_a_failing_server_thread_reaches_the_servers_loop():
     import queue
     import types
 
-    from pyasgd.sharded import ShardServer
+    from pyasgd.nodes.sharded import ShardServer
 
     class TornRegion:
         def collect(self, g, timeout):
@@ -404,7 +404,7 @@ def test_a_killed_node_stops_the_other_cleanly_and_the_pair_resumes(tmp_path, mo
     # the pair resumes from its checkpoints (reassembled from the shards) and goes on
     port = free_port()
     target = max(steps) + 10
-    procs = [subprocess.Popen([sys.executable, "-m", "pyasgd.cli", "--resume", str(tmp_path / f"run{r}"),
+    procs = [subprocess.Popen([sys.executable, "-m", "pyasgd.trainer.cli", "--resume", str(tmp_path / f"run{r}"),
                                "--master-port", str(port), "--max-updates", str(target), "--max-time", "600"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for code, out, err in finish(procs):
@@ -426,7 +426,7 @@ def test_a_killed_node_stops_the_other_cleanly_and_the_pair_resumes(tmp_path, mo
 def test_a_whole_node_killed_at_once_is_named_by_its_silence(tmp_path, mode):
     """Every process of node 1 SIGKILLed together (a machine lost): node 0's collective fails at
     once, it saves, and its launcher names node 1 from the missing heartbeat within --timeout."""
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
 
     timeout = 20  # a node is lost after timeout / 2 s without a heartbeat
     args = ("--mode", mode, "--max-updates", "100000", "--max-time", "0", "--timeout", timeout,
@@ -496,7 +496,7 @@ def test_torchrun_launches_the_nodes(tmp_path):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                                "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "-m", "pyasgd.cli", "--task", "synthetic", "--mode", "sync", "--workers", "2",
+                               "-m", "pyasgd.trainer.cli", "--task", "synthetic", "--mode", "sync", "--workers", "2",
                                "--max-updates", "5", "--threads", "1", "--quiet", "--no-valid-process",
                                "--valid-every", "0", "--timeout", "60", "--out", str(tmp_path / f"run{r}")],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
@@ -520,7 +520,7 @@ def test_a_sync_resume_takes_the_state_of_the_node_ahead(tmp_path):
     behind["server"]["params"] = behind["server"]["params"] + 0.5  # not what node 0 holds
     checkpoint.save_atomic(behind, path)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "pyasgd.cli", "--resume", str(tmp_path / f"run{r}"),
+    procs = [subprocess.Popen([sys.executable, "-m", "pyasgd.trainer.cli", "--resume", str(tmp_path / f"run{r}"),
                                "--master-port", str(port), "--max-updates", "8"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     for code, out, err in finish(procs):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import mp_helpers
-from pyasgd.exchange import READING, WRITING, RegionTimeoutError, SharedRegion
+from pyasgd.core.region import READING, WRITING, RegionTimeoutError, SharedRegion
 
 CTX = mp.get_context("spawn")
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -168,7 +168,7 @@ def test_a_second_commit_or_abandon_cannot_touch_a_slot_being_read(shm_dir):
 
 FILL = """
     import sys
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
     try:
         r = SharedRegion.create(int(sys.argv[1]), 2)
     except OSError as e:
@@ -217,14 +217,14 @@ def test_a_missing_shm_dir_is_a_clear_error(monkeypatch, tmp_path):
 
 OWNER = """
     import sys, time
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
     r = SharedRegion.create(1000, 2)
     print(r.name, flush=True)
     time.sleep(600)
 """
 
 CREATE = """
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
     with SharedRegion.create(10, 1) as r:
         print(r.name, flush=True)
 """
@@ -285,7 +285,7 @@ def test_a_live_owners_segment_survives_the_sweep_though_its_pid_looks_dead(shm_
 
 OWNER_FORKS = """
     import os, time
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
     r = SharedRegion.create(1000, 2)
     child = os.fork()
     if child == 0:  # inherits the mapping and the fd: must neither keep the lock nor own the region
@@ -335,7 +335,7 @@ CORRUPTIONS = [  # (field, value, what the error must name)
 
 ATTACH_ALL = """
     import json, sys
-    from pyasgd import _ext
+    from pyasgd.core import ext as _ext
     out = {}
     for name in sys.argv[1:]:
         try:
@@ -368,7 +368,7 @@ OWN_LAYOUT = """
     import os, sys, torch
     sys.path.insert(0, sys.argv[1])
     import mp_helpers
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
     with SharedRegion.create(1000, 2) as r:
         path = os.path.join(os.environ.get("PYASGD_SHM_DIR", "/dev/shm"), r.name)
         mp_helpers.poke_header(path, "slots", 1 << 40)  # a stray write into the shared header...
@@ -389,7 +389,7 @@ def test_an_open_region_keeps_its_own_copy_of_the_layout(shm_dir):
 
 BOUNDS = """
     import json
-    from pyasgd import _ext
+    from pyasgd.core import ext as _ext
     _C = _ext.ext()
     r = _C.Region.create(8, 2)
     out = {}
@@ -422,7 +422,7 @@ def test_slot_indices_from_python_are_bounds_checked(shm_dir):
 
 VIEWS = """
     import gc, os, torch
-    from pyasgd.exchange import SharedRegion
+    from pyasgd.core.region import SharedRegion
     n = 100_003
     owner = SharedRegion.create(n, 2)
     owner.publish(torch.full((n,), 3.0))
@@ -493,7 +493,8 @@ def test_end_write_without_begin_write_is_refused(shm_dir):
 POOL_COMMON = """
     import os, sys, threading, time, torch
     torch.set_num_threads(1)  # only pyasgd's pool is under test
-    from pyasgd import fused_adam_step, _ext
+    from pyasgd import fused_adam_step
+    from pyasgd.core import ext as _ext
     _C = _ext.ext()
     n = (1 << 21) + 3
     torch.manual_seed(0)

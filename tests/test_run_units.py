@@ -8,13 +8,13 @@ import types
 import pytest
 import torch
 
-from pyasgd import rundir
+from pyasgd.trainer import rundir
 from pyasgd.config import ConfigError, TrainConfig, resume_fixed_fields
-from pyasgd.exchange import SharedRegion
-from pyasgd.launcher import train
-from pyasgd.runlog import RunLog
-from pyasgd.schedule import learning_rate
-from pyasgd.server import Updater
+from pyasgd.core.region import SharedRegion
+from pyasgd.trainer.launch import train
+from pyasgd.trainer.runlog import RunLog
+from pyasgd.trainer.schedule import learning_rate
+from pyasgd.trainer.server import Updater
 
 N = 37
 
@@ -250,7 +250,7 @@ def test_patience_counts_validations_without_improvement(tmp_path, higher):
 
 
 def test_resume_refuses_a_changed_fixed_setting(tmp_path, run_main):
-    from pyasgd.cli import main
+    from pyasgd.trainer.cli import main
 
     assert {"task", "workers", "seed", "batch_size", "preset", "vocab_size", "train_src"} <= set(resume_fixed_fields())
     c = config(out=str(tmp_path / "run"), simulate=True, max_updates=5)

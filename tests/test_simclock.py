@@ -7,7 +7,7 @@ import os
 import pytest
 
 from pyasgd.config import ConfigError, TrainConfig
-from pyasgd.launcher import train
+from pyasgd.trainer.launch import train
 
 BATCH, SEQ, WPS = 32, 16, 1000.0
 D = BATCH * SEQ / WPS  # virtual seconds one synthetic batch takes a speed-1 worker

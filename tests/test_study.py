@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from pyasgd.study import load_study
-from pyasgd.study_cli import main
+from pyasgd.study.grid import load_study
+from pyasgd.study.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "studies", "smoke.toml")
@@ -27,7 +27,7 @@ def read_json(path):
 def smoke(tmp_path_factory):
     """The smoke study, run once by the console script as a user would."""
     out = tmp_path_factory.mktemp("smoke") / "study"
-    r = subprocess.run([sys.executable, "-m", "pyasgd.study_cli", "run", SMOKE, "--out", str(out)],
+    r = subprocess.run([sys.executable, "-m", "pyasgd.study.cli", "run", SMOKE, "--out", str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr + r.stdout
     return out, r
@@ -109,7 +109,7 @@ def test_an_interrupted_study_stops_its_cells_and_resumes_them(tmp_path, jobs):
     slow = "max_updates = 150\ncompute_delay = 0.04"  # about 12 s a cell: long enough to interrupt
     study.write_text(SYNTH.format(methods='["sync"]').replace("max_updates = 20", slow)
                      .replace("save_every = 10", "save_every = 5"))
-    cmd = [sys.executable, "-m", "pyasgd.study_cli", "run", str(study), "--out", str(out), "--jobs", str(jobs)]
+    cmd = [sys.executable, "-m", "pyasgd.study.cli", "run", str(study), "--out", str(out), "--jobs", str(jobs)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     running = 2 if jobs == 2 else 1
     deadline = time.monotonic() + 120
@@ -196,7 +196,7 @@ def test_report_of_a_missing_directory_is_a_clear_error(tmp_path, run_main):
 def test_the_shipped_study_files_expand_or_say_what_they_need(name):
     """Every shipped study file is valid: it expands to its cells, or (here) stops only on what
     this machine lacks: the English-Russian pair not built yet, or no GPU for paper-gpu."""
-    from pyasgd.study import StudyError
+    from pyasgd.study.grid import StudyError
 
     try:
         _, cells = load_study(os.path.join(ROOT, "studies", f"{name}.toml"))
@@ -209,7 +209,7 @@ def test_the_shipped_study_files_expand_or_say_what_they_need(name):
 def test_table3_without_a_sync_cell_has_as_many_columns_in_every_row():
     """A block with no sync cell has no BLEU targets: its table has no time columns, and every
     row (header, separator, cells) has as many columns as the header names."""
-    from pyasgd.study_report import table3
+    from pyasgd.study.report import table3
 
     def row(method, G, bleu):
         return {"cell": f"{method}-lr0.002-s1", "method": method, "lr": 0.002, "seed": 1, "pair": "bundled",

@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from pyasgd import checkpoint
+from pyasgd.core import checkpoint
 from pyasgd.config import ConfigError, TrainConfig
-from pyasgd.launcher import TrainingError, train
+from pyasgd.trainer.launch import TrainingError, train
 
 # The paper's average staleness for N = 4 (section 4.3 and figure 3).
 PAPER_STALENESS = {
@@ -215,8 +215,8 @@ def test_worker_slowdown_makes_one_worker_a_straggler(tmp_path):
 
 @pytest.mark.slow
 def test_sync_matches_single_process_with_summed_batches(tmp_path):
-    from pyasgd.flat import FlatModel
-    from pyasgd.server import Updater
+    from pyasgd.core.flat import FlatModel
+    from pyasgd.trainer.server import Updater
     from pyasgd.tasks import Cursor, make_task
 
     c = cfg(tmp_path, workers=3, mode="sync", max_updates=6, lr=1e-2, warmup=2)
@@ -249,8 +249,8 @@ def test_the_cpu_server_without_a_master_copy_matches_the_master_path_bit_for_bi
     """One worker in sync mode is deterministic: the real run (the server reads the published
     buffer and writes the back one, no master copy; the gradient through an fp32 or bf16 slot)
     equals an in-process replay on a master copy, bit for bit, checkpoint included."""
-    from pyasgd.flat import FlatModel
-    from pyasgd.server import Updater
+    from pyasgd.core.flat import FlatModel
+    from pyasgd.trainer.server import Updater
     from pyasgd.tasks import Cursor, make_task
 
     c = cfg(tmp_path, workers=1, mode="sync", max_updates=12, lr=1e-2, warmup=3, grad_dtype=grad_dtype)
@@ -336,7 +336,7 @@ def test_a_worker_that_keeps_failing_uses_up_its_restarts(tmp_path, monkeypatch)
 @pytest.fixture
 def cli(run_main):
     """pyasgd-train's main() in this process, on the synthetic task."""
-    from pyasgd.cli import main
+    from pyasgd.trainer.cli import main
 
     return lambda *args: run_main(main, "--task", "synthetic", "--lr", "2e-3", "--warmup", "50", *args)
 
@@ -371,7 +371,7 @@ def assert_all_gone(pids, within=10.0):
 
 
 def start_cli(tmp_path, *args):
-    p = subprocess.Popen([sys.executable, "-m", "pyasgd.cli", "--task", "synthetic", "--workers", "2", "--max-time", "0",
+    p = subprocess.Popen([sys.executable, "-m", "pyasgd.trainer.cli", "--task", "synthetic", "--workers", "2", "--max-time", "0",
                           "--max-updates", "100000", "--valid-every", "50",
                           "--quiet", "--out", str(tmp_path / "run"), *args],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

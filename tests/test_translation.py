@@ -111,7 +111,7 @@ def user_corpus(tmp_path, pairs, n_train=300, n_dev=40):
     ("mismatch", "has 3 lines but"),
 ])
 def test_bad_corpus_fails_before_a_run_directory_exists(tmp_path, problem, message, run_main, monkeypatch):
-    from pyasgd.cli import main
+    from pyasgd.trainer.cli import main
 
     train_en = write_lines(tmp_path / "t.en", ["a b c", "d e f", "g h"])
     train_de = write_lines(tmp_path / "t.de", ["x y z", "u v w", "r s"])
@@ -204,8 +204,8 @@ def test_bleu_of_references_against_themselves_is_100(small_pairs):
 
 @pytest.mark.slow
 def test_short_end_to_end_run_and_translate(tmp_path, small_pairs, run_main):
-    from pyasgd.cli import main as train_main
-    from pyasgd.translate_cli import main as translate_main
+    from pyasgd.trainer.cli import main as train_main
+    from pyasgd.tasks.translate_cli import main as translate_main
 
     files = user_corpus(tmp_path, small_pairs)
     out = tmp_path / "run"
@@ -235,7 +235,7 @@ def test_short_end_to_end_run_and_translate(tmp_path, small_pairs, run_main):
 @pytest.mark.slow
 def test_tiny_transformer_learns_under_bf16_autocast(tmp_path, small_pairs):
     from pyasgd.config import TrainConfig
-    from pyasgd.launcher import train
+    from pyasgd.trainer.launch import train
 
     files = user_corpus(tmp_path, small_pairs)
     summary = train(TrainConfig(**files, vocab_size=400, max_len=60, batch_tokens=1200, workers=2, simulate=True,

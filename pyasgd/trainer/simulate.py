@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
-from pyasgd import checkpoint, rundir
+from pyasgd.core import checkpoint
+from pyasgd.trainer import rundir
 from pyasgd.config import TrainConfig
-from pyasgd.flat import FlatModel
-from pyasgd.run import ValidationSchedule, final_test, finish, local_gradient, start_run, validate, validate_last
-from pyasgd.runlog import RunLog
-from pyasgd.server import Updater, update_record
+from pyasgd.core.flat import FlatModel
+from pyasgd.trainer.steps import ValidationSchedule, final_test, finish, local_gradient, start_run, validate, validate_last
+from pyasgd.trainer.runlog import RunLog
+from pyasgd.trainer.server import Updater, update_record
 from pyasgd.tasks import Cursor
 
 

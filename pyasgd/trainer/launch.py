@@ -1,7 +1,7 @@
 """The launcher: `pyasgd.train(config)` starts one server and N workers (torch.multiprocessing,
 spawn), watches them, validates on consistent snapshots of the published parameters without
 pausing anyone, and on any ending (done, failure, Ctrl-C) stops every process and removes the
-shared region. `--simulate` runs the same loop's pieces (pyasgd/run.py) in one process."""
+shared region. `--simulate` runs the same loop's pieces (pyasgd/trainer/steps.py) in one process."""
 from __future__ import annotations
 
 import os
@@ -14,12 +14,13 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-from pyasgd import checkpoint, rundir
+from pyasgd.core import checkpoint
+from pyasgd.trainer import rundir
 from pyasgd.config import TrainConfig
 from pyasgd.errors import Terminated
-from pyasgd.flat import FlatModel
-from pyasgd.run import ValidationSchedule, final_test, finish, start_run, validate, validate_last
-from pyasgd.runlog import RunLog
+from pyasgd.core.flat import FlatModel
+from pyasgd.trainer.steps import ValidationSchedule, final_test, finish, start_run, validate, validate_last
+from pyasgd.trainer.runlog import RunLog
 
 
 class TrainingError(RuntimeError):
@@ -34,12 +35,12 @@ def train(config: TrainConfig | dict) -> dict[str, Any]:
         config = TrainConfig.from_dict(config)
     task = make_task(config)  # reads and checks the data before anything is created
     if config.simulate:
-        from pyasgd.simulate import simulate
+        from pyasgd.trainer.simulate import simulate
 
         return simulate(config, rundir.prepare(config), task)
     if config.nnodes == 1:
         return Launcher(config, rundir.prepare(config), task).run()
-    from pyasgd.nodes import Nodes
+    from pyasgd.nodes.rendezvous import Nodes
 
     nodes = Nodes.join(config)  # before anything is created: a bad rendezvous leaves nothing behind
     try:
@@ -59,7 +60,7 @@ class Launcher:
 
     def __init__(self, config: TrainConfig, run_dir: str, task, nodes=None) -> None:
         self.config, self.run_dir, self.task = config, run_dir, task
-        self.nodes = nodes  # pyasgd.nodes.Nodes when this is one node of several
+        self.nodes = nodes  # pyasgd.nodes.rendezvous.Nodes when this is one node of several
         # Validation decodes where the run has a GPU (the server's, else the first worker's):
         # on one launcher CPU thread it would take longer than the training it checks.
         devices = [config.server_device, *config.worker_devices()]
@@ -87,7 +88,7 @@ class Launcher:
         self.start = time.monotonic()  # reset when every worker is ready
 
     def run(self) -> dict[str, Any]:
-        from pyasgd.exchange import SharedRegion, default_slots
+        from pyasgd.core.region import SharedRegion, default_slots
 
         c, task, flat, log = self.config, self.task, self.flat, self.log
         start_run(task, self.run_dir, c.quiet)
@@ -173,7 +174,7 @@ class Launcher:
                     dynamic_ncols=True, desc=f"{c.mode} N={c.workers} G={c.G} k={c.local_accum}")
 
     def _spawn(self, resume: dict | None) -> None:
-        from pyasgd.server import ServerArgs, server_main
+        from pyasgd.trainer.server import ServerArgs, server_main
 
         c, ctx = self.config, self.ctx
         cursors = ctx.Array("q", c.workers, lock=False)  # each worker's data position (Cursor.pack)
@@ -188,7 +189,7 @@ class Launcher:
             self.procs.append(self._start_worker(rank))
 
     def _spawn_validator(self) -> None:
-        from pyasgd.validator import ValidatorArgs, validator_main
+        from pyasgd.trainer.validator import ValidatorArgs, validator_main
 
         self.snapshot = torch.empty(self.flat.n).share_memory_()
         self.valid_requests = self.ctx.Queue()
@@ -223,7 +224,7 @@ class Launcher:
     def _start_worker(self, rank: int):
         """Worker `rank` (a first one or a replacement): it pulls the current parameters and goes
         on from the data position its rank last pushed."""
-        from pyasgd.worker import WorkerArgs, worker_main
+        from pyasgd.trainer.worker import WorkerArgs, worker_main
 
         p = self.ctx.Process(target=worker_main, name=f"worker {rank}", daemon=True,
                              args=(WorkerArgs(rank=rank, go=self.go, **self.common),))
@@ -272,7 +273,7 @@ class Launcher:
         return ""
 
     def _server_counts(self, r: dict) -> None:
-        """What a server across nodes counted (pyasgd/sharded.py, server.py), for the summary."""
+        """What a server across nodes counted (pyasgd/nodes/sharded.py, server.py), for the summary."""
         for key in ("shard", "internode"):
             if key in r:
                 self.server_extra[key] = r[key]

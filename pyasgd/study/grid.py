@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyasgd import rundir
+from pyasgd.trainer import rundir
 from pyasgd.config import TrainConfig, load_toml
 from pyasgd.errors import ConfigError
 
@@ -307,7 +307,7 @@ def run_cell(cell: Cell, run_dir: str, threads: int = 0) -> tuple[bool, str]:
     with open(os.path.join(run_dir, CELL_LOG), "a", encoding="utf-8") as log, _LIVE_LOCK:
         if _STOPPING.is_set():
             return False, "not started: the study is stopping"
-        proc = subprocess.Popen([sys.executable, "-m", "pyasgd.cli", *argv], stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", "pyasgd.trainer.cli", *argv], stdout=subprocess.DEVNULL,
                                 stderr=log, env=env, start_new_session=True)
         _LIVE.add(proc)
     try:

@@ -17,10 +17,11 @@ import torch
 
 
 def load_translator(run_dir: str, last: bool = False):
-    from pyasgd import checkpoint, rundir
+    from pyasgd.core import checkpoint
+    from pyasgd.trainer import rundir
     from pyasgd.config import TrainConfig
     from pyasgd.data.subword import Subwords
-    from pyasgd.flat import FlatModel
+    from pyasgd.core.flat import FlatModel
     from pyasgd.models import build, model_config_from
     from pyasgd.tasks.translation import SUBWORD_MODEL
 

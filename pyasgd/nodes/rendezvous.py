@@ -1,7 +1,7 @@
 """Beyond one node, the launchers' side: the M launchers meet at node 0 through torch.distributed's
 TCPStore (hosted by node 0's launcher, or by torchrun's agent), check that their configurations
 agree, watch each other (a heartbeat thread, notes saying why a node stopped), and gather the
-per-node summaries into node 0's. The servers' gradient traffic is pyasgd/internode.py's.
+per-node summaries into node 0's. The servers' gradient traffic is pyasgd/nodes/allreduce.py's.
 
     nodes = Nodes.join(config)        # rendezvous: every node or a clear error within --timeout
     nodes.lost()                      # '' or what happened to another node

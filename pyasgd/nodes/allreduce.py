@@ -15,7 +15,7 @@ import socket
 import torch
 
 from pyasgd.config import TrainConfig
-from pyasgd.nodes import connect_store
+from pyasgd.nodes.rendezvous import connect_store
 
 # A node's vote in each round's all-reduce: go on, stop (its launcher ends the run: max time,
 # Ctrl-C, patience...), or fail (its run failed; the others fail too, naming it).

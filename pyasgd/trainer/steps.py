@@ -11,9 +11,10 @@ from typing import Any, Iterator
 
 import torch
 
-from pyasgd import checkpoint, rundir
-from pyasgd.flat import FlatModel
-from pyasgd.runlog import RunLog
+from pyasgd.core import checkpoint
+from pyasgd.trainer import rundir
+from pyasgd.core.flat import FlatModel
+from pyasgd.trainer.runlog import RunLog
 
 
 def start_run(task, run_dir: str, quiet: bool) -> None:

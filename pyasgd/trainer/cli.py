@@ -7,7 +7,7 @@
     pyasgd-train --resume runs/20261126-080000-async --max-updates 4000
     pyasgd-train --mode sync --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500   # on HOST0
     pyasgd-train --mode sync --nnodes 2 --node-rank 1 --master-addr HOST0 --master-port 29500   # on HOST1
-    torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST0 --master-port 29500 -m pyasgd.cli --mode sync
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST0 --master-port 29500 -m pyasgd.trainer.cli --mode sync
 
 Every option is a TrainConfig field (pyasgd/config.py); --config FILE loads TOML with the same
 names, and options given on the command line override it.
@@ -21,7 +21,7 @@ import os
 import sys
 import typing
 
-from pyasgd import rundir
+from pyasgd.trainer import rundir
 from pyasgd.config import TrainConfig, field_docs, load_toml
 from pyasgd.errors import ConfigError, Terminated
 
@@ -103,10 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyasgd-train: error: {e}", file=sys.stderr)
         return 2
 
-    from pyasgd.launcher import TrainingError, train
-    from pyasgd.proc import set_name, stop_resource_tracker
+    from pyasgd.trainer.launch import TrainingError, train
+    from pyasgd.trainer.proc import set_name, stop_resource_tracker
 
-    # As a program (the console script or `python -m pyasgd.cli`), not when main() is called in a
+    # As a program (the console script or `python -m pyasgd.trainer.cli`), not when main() is called in a
     # process that is someone else's (tests, notebooks).
     as_program = __name__ == "__main__" or os.path.basename(sys.argv[0]) == "pyasgd-train"
     if as_program:

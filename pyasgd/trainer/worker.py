@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
-from pyasgd import _ext
+from pyasgd.core import ext as _ext
 from pyasgd.config import TrainConfig
-from pyasgd.proc import become_child, run_reporting
-from pyasgd.run import local_gradient
+from pyasgd.trainer.proc import become_child, run_reporting
+from pyasgd.trainer.steps import local_gradient
 
 
 @dataclass
@@ -61,8 +61,8 @@ def _fault(rank: int) -> tuple[int, int] | None:
 
 
 def _work(args: WorkerArgs, config: TrainConfig) -> None:
-    from pyasgd.exchange import RegionClosedError, SharedRegion
-    from pyasgd.flat import FlatModel
+    from pyasgd.core.region import RegionClosedError, SharedRegion
+    from pyasgd.core.flat import FlatModel
     from pyasgd.tasks import Cursor, make_task
 
     rank, q = args.rank, args.queue

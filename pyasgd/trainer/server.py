@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from pyasgd import _ext
+from pyasgd.core import ext as _ext
 from pyasgd.config import TrainConfig
-from pyasgd.optim import fused_adam_step
-from pyasgd.proc import become_child, injected_server_fault, parent_gone, run_reporting, server_fault_step
-from pyasgd.schedule import learning_rate
+from pyasgd.core.fused import fused_adam_step
+from pyasgd.trainer.proc import become_child, injected_server_fault, parent_gone, run_reporting, server_fault_step
+from pyasgd.trainer.schedule import learning_rate
 
 
 @dataclass
@@ -184,7 +184,7 @@ def server_main(args: ServerArgs) -> None:
 
 
 def _serve(args: ServerArgs) -> None:
-    from pyasgd.exchange import RegionClosedError, RegionTimeoutError, SharedRegion
+    from pyasgd.core.region import RegionClosedError, RegionTimeoutError, SharedRegion
 
     config = args.config
     # The fused update is memory-bound: two threads saturate a socket's bandwidth, and where the
@@ -201,7 +201,7 @@ def _serve(args: ServerArgs) -> None:
         # Asynchronous across nodes, this server owns one contiguous shard of the parameters.
         lo, hi = 0, region.n
         if config.nnodes > 1 and config.mode == "async":
-            from pyasgd.sharded import shard_bounds
+            from pyasgd.nodes.sharded import shard_bounds
 
             lo, hi = shard_bounds(region.n, config.nnodes)[config.node_rank]
         if in_region:
@@ -216,7 +216,7 @@ def _serve(args: ServerArgs) -> None:
 
         resumed = {}
         if args.resume_state:
-            from pyasgd import checkpoint
+            from pyasgd.core import checkpoint
 
             resumed = checkpoint.load(args.resume_state)
             up.load_state_dict(resumed["server"], current=current())
@@ -234,7 +234,7 @@ def _serve(args: ServerArgs) -> None:
         kept_too: dict = {}  # more for the checkpoint (the sharded server's counts)
 
         def save() -> None:
-            from pyasgd import checkpoint
+            from pyasgd.core import checkpoint
 
             state = {"server": up.state_dict(current=current()), "version": region.version,
                      "positions": torch.tensor(positions, dtype=torch.int64),
@@ -269,7 +269,7 @@ def _serve(args: ServerArgs) -> None:
 
 def _serve_one_node(args: ServerArgs, region, up: Updater, current, positions, progress, save, t0) -> str:
     """Collect G gradients, update, publish, until told to stop; returns why it stopped."""
-    from pyasgd.exchange import RegionClosedError, RegionTimeoutError, SharedRegion
+    from pyasgd.core.region import RegionClosedError, RegionTimeoutError, SharedRegion
 
     config, q, G = args.config, args.queue, args.config.G
     idle_since = time.monotonic()
@@ -318,13 +318,13 @@ def _serve_one_node(args: ServerArgs, region, up: Updater, current, positions, p
 
 def _serve_across_nodes(args: ServerArgs, region, up: Updater, current, positions, progress, save,
                         t0) -> tuple[str, dict]:
-    """Synchronous SGD across M nodes (pyasgd/internode.py): collect this node's N gradients, sum
+    """Synchronous SGD across M nodes (pyasgd/nodes/allreduce.py): collect this node's N gradients, sum
     them (stale policy applied per gradient), all-reduce the node sums with every node's stop
     vote, and apply the same update as every other node. Returns why it stopped and what it
     measured (the server_done record's "internode"); a lost node raises NodeLostError after the
     checkpoint is saved."""
-    from pyasgd.exchange import RegionClosedError, RegionTimeoutError, SharedRegion
-    from pyasgd.internode import FAIL, GO, STOP, NodeGroup, NodeLostError, weighted_sum
+    from pyasgd.core.region import RegionClosedError, RegionTimeoutError, SharedRegion
+    from pyasgd.nodes.allreduce import FAIL, GO, STOP, NodeGroup, NodeLostError, weighted_sum
 
     config, q, N, R = args.config, args.queue, args.config.workers, args.config.node_rank
     group = NodeGroup(config)
@@ -437,7 +437,7 @@ def _measured(since: int | None, rounds: int) -> dict:
 def _why_nodes_stop(votes: list[float], me: int) -> str:
     """The server's stop reason from a round's votes: its own stop, or the node that stopped
     (failed first) the others: "node R failed" / "node R stopped"."""
-    from pyasgd.internode import FAIL, GO
+    from pyasgd.nodes.allreduce import FAIL, GO
 
     failed = [p for p, v in enumerate(votes) if v == FAIL]
     if me in failed or (not failed and votes[me] != GO):
@@ -470,11 +470,11 @@ def _pulled(region) -> torch.Tensor:
 
 def _serve_shard(args: ServerArgs, region, up: Updater, current, positions, progress, save, t0,
                  resumed: dict, kept_too: dict) -> tuple[str, dict]:
-    """Asynchronous SGD across nodes: this server owns one shard (pyasgd/sharded.py). Returns why
+    """Asynchronous SGD across nodes: this server owns one shard (pyasgd/nodes/sharded.py). Returns why
     it stopped and the shard's counts (the server_done record's "shard", and the checkpoint's
     "shard_stats", which outlives a killed launcher)."""
-    from pyasgd.internode import NodeGroup
-    from pyasgd.sharded import ShardServer, shard_bounds
+    from pyasgd.nodes.allreduce import NodeGroup
+    from pyasgd.nodes.sharded import ShardServer, shard_bounds
 
     config = args.config
     if resumed:

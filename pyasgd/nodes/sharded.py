@@ -33,8 +33,8 @@ import traceback
 
 import torch
 
-from pyasgd.internode import FAIL, STOP, NodeGroup, NodeLostError
-from pyasgd.proc import injected_server_fault, server_fault_step
+from pyasgd.nodes.allreduce import FAIL, STOP, NodeGroup, NodeLostError
+from pyasgd.trainer.proc import injected_server_fault, server_fault_step
 
 HDR = 8                   # int64 words in every message's header: [kind, ...]
 GRAD, UPDATE, ACK, STOP_MSG, FIN_GRADS, FIN_UPDATES, FIN_CTRL = range(1, 8)
@@ -200,7 +200,7 @@ class ShardServer:
         return t
 
     def _collect_loop(self) -> None:
-        from pyasgd.exchange import RegionClosedError, RegionTimeoutError
+        from pyasgd.core.region import RegionClosedError, RegionTimeoutError
 
         while not self.stopping:
             try:
@@ -218,7 +218,7 @@ class ShardServer:
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> str:
-        from pyasgd.proc import parent_gone
+        from pyasgd.trainer.proc import parent_gone
 
         args, c = self.args, self.config
         self._reason = "stopped"

@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from typing import Any
 
-from pyasgd import rundir
+from pyasgd.trainer import rundir
 
 # The summary fields DESIGN.md promises in every summary.json; a task that does not measure one
 # (the synthetic task has no BLEU) writes null.

@@ -1,14 +1,14 @@
-"""`pyasgd-study`: the command line of pyasgd.study (run a study's cells) and
-pyasgd.study_report (its tables and figures). See pyasgd/study.py for the study file."""
+"""`pyasgd-study`: the command line of pyasgd.study.grid (run a study's cells) and
+pyasgd.study.report (its tables and figures). See pyasgd/study/grid.py for the study file."""
 from __future__ import annotations
 
 import argparse
 import signal
 import sys
 
-from pyasgd import study
+from pyasgd.study import grid as study
 from pyasgd.errors import ConfigError
-from pyasgd.study_report import write_report
+from pyasgd.study.report import write_report
 
 
 def _interrupt(signum, frame) -> None:

@@ -19,8 +19,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from pyasgd import rundir
-from pyasgd.study import CELL, CELL_ERROR, cell_status, studies_run
+from pyasgd.trainer import rundir
+from pyasgd.study.grid import CELL, CELL_ERROR, cell_status, studies_run
 
 DIVERGED_BLEU = 1.0  # best dev BLEU below this: the run never learned (the paper's 0.00 entries)
 TABLE4_METHODS = ("sync", "async", "async-global4")
@@ -83,7 +83,7 @@ def _block_title(pair: str, variant: str) -> str:
 
 
 def _methods_in_order(rows) -> list[str]:
-    from pyasgd.study import METHODS
+    from pyasgd.study.grid import METHODS
 
     names = {r["method"] for r in rows}
     return [m for m in METHODS if m in names] + sorted(names - set(METHODS))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from pyasgd.config import TrainConfig
-from pyasgd.proc import become_child, run_reporting
+from pyasgd.trainer.proc import become_child, run_reporting
 
 NICE = 10  # lower priority than the workers: validation takes only the cycles they leave
 
@@ -38,7 +38,7 @@ def validator_main(args: ValidatorArgs) -> None:
 
 
 def _serve(args: ValidatorArgs) -> None:
-    from pyasgd.flat import FlatModel
+    from pyasgd.core.flat import FlatModel
     from pyasgd.tasks import make_task
 
     torch.set_num_threads(1)
