@@ -1,5 +1,6 @@
-"""Shared fixtures: the device list every kernel test body runs on, the shm leak guard, and
-console-script entry points run in-process."""
+"""Shared fixtures: the two tiers (`pytest` runs the fast one, `pytest --runslow` everything),
+the device list every kernel test body runs on, the shm leak guard, and console-script entry
+points run in-process. Helper functions the test modules share are in tests/helpers.py."""
 import io
 import os
 from dataclasses import dataclass
@@ -7,24 +8,27 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from helpers import shm_names
 from pyasgd.core import ext as _ext
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False,
+                     help="run the slow tier too (tests marked slow): the whole suite")
+
+
 def pytest_collection_modifyitems(config, items):
     have_cuda = torch.cuda.is_available() and _ext.cuda_built()
     skip = pytest.mark.skip(reason="needs a CUDA device and a CUDA build of pyasgd._C")
+    runslow = config.getoption("--runslow")
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
         if "cuda" in item.keywords and not have_cuda:
             item.add_marker(skip)
-
-
-def _segments():
-    try:
-        return {n for n in os.listdir("/dev/shm") if n.startswith("pyasgd-")}
-    except FileNotFoundError:
-        return set()
+        if item.get_closest_marker("slow") and not runslow:  # the marker, not a parameter id "slow"
+            item.add_marker(skip_slow)
 
 
 def _ours(name: str) -> bool:
@@ -49,9 +53,9 @@ def _ours(name: str) -> bool:
 @pytest.fixture(autouse=True)
 def no_leaked_segments():
     """Every test must leave /dev/shm as it found it."""
-    before = _segments()
+    before = shm_names()
     yield
-    leaked = sorted(n for n in _segments() - before if _ours(n))
+    leaked = sorted(n for n in shm_names() - before if _ours(n))
     assert not leaked, f"test leaked shared-memory segments: {leaked}"
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mp_helpers
+from helpers import shm_names
 from pyasgd.config import TrainConfig
 from pyasgd.core.region import (READY, SharedRegion, RegionClosedError, RegionTimeoutError,
                              default_slots)
@@ -46,11 +47,7 @@ def server_step_in_region(region, batch, m, v, **adam):
     return ok
 
 
-def shm_names():
-    return {n for n in os.listdir("/dev/shm") if n.startswith("pyasgd-")}
-
-
-@pytest.mark.parametrize("G", [1, 3, 4])
+@pytest.mark.parametrize("G", [pytest.param(1, marks=pytest.mark.slow), 3, pytest.param(4, marks=pytest.mark.slow)])
 def test_conservation_four_writers(G):
     workers, pushes, n = 4, 2000, 33
     with SharedRegion.create(n, default_slots(workers, G)) as region:
@@ -73,6 +70,7 @@ def test_conservation_four_writers(G):
     assert sorted(seen) == sorted(pushed) == list(range(workers * pushes))  # each seq seen once
 
 
+@pytest.mark.slow
 def test_no_torn_pulls_and_versions_never_go_back():
     n, versions = 200_003, 2000
     with SharedRegion.create(n, 1) as region:
@@ -93,6 +91,7 @@ def test_no_torn_pulls_and_versions_never_go_back():
         assert distinct > 10  # the readers really raced the publisher
 
 
+@pytest.mark.slow
 def test_killed_writer_holding_a_slot_is_reclaimed():
     n, pushes = 17, 150
     with SharedRegion.create(n, 3) as region:
@@ -254,7 +253,7 @@ def test_update_with_non_finite_gradient_publishes_nothing():
         assert region.pull(dst) == v0 and torch.equal(dst, torch.ones(n))
 
 
-@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("G", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_bf16_slots_carry_rounded_gradients_and_the_update_is_the_fp32_one_on_them(G):
     """Real pushers round into bf16 slots (measuring the bound on the way); the server updates
     from the front buffer into the back one, and gets, bit for bit, the fp32 master-copy update
@@ -306,11 +305,13 @@ def test_bf16_slots_carry_rounded_gradients_and_the_update_is_the_fp32_one_on_th
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
-@pytest.mark.parametrize("bad", [float("nan"), float("-inf"), 3.4e38], ids=["nan", "-inf", "rounds-to-inf"])
+@pytest.mark.parametrize("bad", [pytest.param(float("nan"), marks=pytest.mark.slow),
+                                 pytest.param(float("-inf"), marks=pytest.mark.slow), 3.4e38],
+                         ids=["nan", "-inf", "rounds-to-inf"])
 def test_a_non_finite_gradient_in_a_bf16_slot_skips_the_update(mode, bad):
     """3.4e38 is finite in fp32 but rounds to inf in bf16: the pusher's bound says so, and the
     server's update (no master copy) is skipped, in sync mode still published unchanged."""
-    from pyasgd.trainer.server import Updater
+    from pyasgd.trainer.update import Updater
 
     n = 1000
     c = TrainConfig(task="synthetic", workers=2, mode=mode, quiet=True, max_updates=1)

@@ -26,7 +26,7 @@ def make_state(n, device, seed=0):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("n", SIZES[:-1] + [pytest.param(SIZES[-1], marks=pytest.mark.slow)])
 @pytest.mark.parametrize("G", [1, 2, 4, 7])
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_matches_torch_adam_100_steps(device, n, G, decoupled):
@@ -54,7 +54,8 @@ def test_matches_torch_adam_100_steps(device, n, G, decoupled):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("simd", [pytest.param("avx512", marks=pytest.mark.slow),
+                                  pytest.param("avx2", marks=pytest.mark.slow), "scalar"])
 def test_every_simd_level_matches_reference(device, simd, tmp_path):
     """Each ISA instantiation (chosen at import via PYASGD_SIMD) agrees with the reference."""
     if device == "cuda":

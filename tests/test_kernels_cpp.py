@@ -144,7 +144,8 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("simd", [pytest.param("avx512", marks=pytest.mark.slow),
+                                  pytest.param("avx2", marks=pytest.mark.slow), "scalar"])
 def test_bf16_grads_and_param_out_at_every_simd_level(simd):
     assert run_with_simd(simd, BF16_PARAM_OUT) == "ok"
 
@@ -189,7 +190,8 @@ print(C.cpu_simd_level())
 """
 
 
-@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("simd", [pytest.param("avx512", marks=pytest.mark.slow),
+                                  pytest.param("avx2", marks=pytest.mark.slow), "scalar"])
 def test_copy_bf16_absmax_rounds_as_torch_and_bounds(simd):
     assert run_with_simd(simd, COPY_BF16) == expected_level(simd)
 

@@ -1,6 +1,7 @@
 """Beyond one node: two nodes on loopback (two pyasgd-train launchers on 127.0.0.1, 2 workers
 each, the synthetic task): the settings and torchrun's environment, the rendezvous and its
 errors, synchronous SGD equal to one node of 4 workers, and a node killed mid-run."""
+import functools
 import json
 import os
 import signal
@@ -16,17 +17,14 @@ from pyasgd.core import checkpoint
 from pyasgd.config import PER_NODE, TrainConfig
 from pyasgd.errors import ConfigError
 from pyasgd.nodes.rendezvous import first_difference, merge_summaries
+import helpers
+from helpers import children, read_json, segments_of
 
 
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def node_args(tmp_path, rank, port, *extra, name="run"):
@@ -60,32 +58,8 @@ def finish(procs, timeout=240):
     return out
 
 
-def children(pid):
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
-def gone(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def assert_all_gone(pids, within=15.0):
-    deadline = time.time() + within
-    while time.time() < deadline and not all(gone(k) for k in pids):
-        time.sleep(0.1)
-    assert all(gone(k) for k in pids), [k for k in pids if not gone(k)]
-
-
-def segments_of(pids):
-    return [n for n in os.listdir("/dev/shm") if any(n.startswith(f"pyasgd-{p}-") for p in pids)]
+# two nodes' processes get longer to go than one node's
+assert_all_gone = functools.partial(helpers.assert_all_gone, within=15.0)
 
 
 # --- settings -------------------------------------------------------------------------------------
@@ -250,7 +224,7 @@ def test_sync_across_two_nodes_equals_one_node_of_four_workers(tmp_path):
     batches (worker R*N + r reads the global shard R*N + r): replayed here in one process, the
     way tests/test_trainer.py checks one node's sync against the same replay."""
     from pyasgd.core.flat import FlatModel
-    from pyasgd.trainer.server import Updater
+    from pyasgd.trainer.update import Updater
     from pyasgd.tasks import Cursor, make_task
 
     steps = 6
@@ -304,14 +278,14 @@ def test_a_failing_server_thread_reaches_the_servers_loop():
     import queue
     import types
 
-    from pyasgd.nodes.sharded import ShardServer
+    from pyasgd.nodes.sharded import collect_loop
 
     class TornRegion:
         def collect(self, g, timeout):
             raise ValueError("slot 3 holds a torn header")
 
     fake = types.SimpleNamespace(stopping=False, region=TornRegion(), events=queue.Queue())
-    ShardServer._collect_loop(fake)  # returns, having reported
+    collect_loop(fake)  # returns, having reported
     kind, thread, text = fake.events.get_nowait()
     assert (kind, thread) == ("thread_failed", "collect") and "slot 3 holds a torn header" in text
 

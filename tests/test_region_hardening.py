@@ -72,6 +72,7 @@ def shm_dir(monkeypatch):
 
 # --- 1. slot ownership: one word {state, generation, pid}, every transition a CAS ---------------
 
+@pytest.mark.slow
 def test_two_reclaimers_never_free_a_live_pushers_slot(shm_dir):
     """Reclaimer A sees slot 0 held by a dead pusher and is preempted before its CAS; reclaimer B
     frees the slot and a live pusher claims it. A's CAS must fail (the generation moved on):
@@ -449,7 +450,7 @@ def test_tensors_outlive_the_region_object_that_gave_them(shm_dir):
 
 # --- 5. pulls: never a rewritten buffer under its old version, never backwards ------------------
 
-@pytest.mark.parametrize("rewrite", ["failed", "published"])
+@pytest.mark.parametrize("rewrite", [pytest.param("failed", marks=pytest.mark.slow), "published"])
 def test_a_reader_never_returns_a_rewritten_buffer_under_its_old_version(shm_dir, rewrite):
     """The reader picks the published buffer (v2) and is preempted; meanwhile v3 is published in
     the other buffer and the server starts rewriting v2's buffer. A failed write (end_write(false))
@@ -536,6 +537,7 @@ SET_THREADS_RACE = POOL_COMMON + """
 """
 
 
+@pytest.mark.slow
 def test_set_threads_while_other_threads_run_kernels():
     r = run_py(SET_THREADS_RACE, timeout=240)
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout}{r.stderr}"
@@ -588,7 +590,7 @@ FORK_DURING_RUN = POOL_COMMON + """
 """
 
 
-@pytest.mark.parametrize("background", ["running", "rebuilding"])
+@pytest.mark.parametrize("background", [pytest.param("running", marks=pytest.mark.slow), "rebuilding"])
 def test_fork_while_another_thread_uses_the_pool(background):
     """The child of a fork made while another thread is inside run(), or is rebuilding the pool
     after set_threads() (holding the pool's lock), gets a working pool of its own."""

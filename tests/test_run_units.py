@@ -2,7 +2,6 @@
 sync-mode publish rule, clipping, skipping; with a master copy and without one, on a region's
 two buffers), the learning-rate schedule, early stopping, and refusing a resume whose fixed
 settings changed."""
-import dataclasses
 import types
 
 import pytest
@@ -14,7 +13,7 @@ from pyasgd.core.region import SharedRegion
 from pyasgd.trainer.launch import train
 from pyasgd.trainer.runlog import RunLog
 from pyasgd.trainer.schedule import learning_rate
-from pyasgd.trainer.server import Updater
+from pyasgd.trainer.update import Updater
 
 N = 37
 
@@ -255,11 +254,11 @@ def test_resume_refuses_a_changed_fixed_setting(tmp_path, run_main):
     assert {"task", "workers", "seed", "batch_size", "preset", "vocab_size", "train_src"} <= set(resume_fixed_fields())
     c = config(out=str(tmp_path / "run"), simulate=True, max_updates=5)
     train(c)
-    again = dataclasses.replace(c, resume=c.out, max_updates=8)
+    again = c.replace(resume=c.out, max_updates=8)
     for field, value in (("workers", 3), ("seed", 2), ("batch_size", 16)):
         with pytest.raises(ConfigError, match=rf"--{field.replace('_', '-')} is {value}.*must keep it"):
-            rundir.prepare(dataclasses.replace(again, **{field: value}))
-    assert rundir.prepare(dataclasses.replace(again, lr=0.02)) == c.out  # an ordinary setting may change
+            rundir.prepare(again.replace(**{field: value}))
+    assert rundir.prepare(again.replace(lr=0.02)) == c.out  # an ordinary setting may change
     r = run_main(main, "--resume", c.out, "--workers", "3", "--quiet")
     assert r.returncode == 2 and "--workers is 3" in r.stderr
 
@@ -268,8 +267,11 @@ def test_each_node_gets_its_own_default_run_directory(tmp_path, monkeypatch):
     """Nodes started in the same second on a shared filesystem must not share a run directory
     (one checkpoint.pt, one metrics.jsonl): the default name carries the node's rank."""
     monkeypatch.chdir(tmp_path)
-    dirs = [rundir.prepare(TrainConfig(task="synthetic", nnodes=2, node_rank=r, master_port=29500, max_updates=1))
-            for r in (0, 1)]
+    from pyasgd.nodes import topology_for
+
+    configs = [TrainConfig(task="synthetic", nnodes=2, node_rank=r, master_port=29500, max_updates=1) for r in (0, 1)]
+    dirs = [rundir.prepare(c, topology_for(c).run_tag) for c in configs]
     assert [d.endswith(f"-async-node{r}") for r, d in enumerate(dirs)] == [True, True]
     assert dirs[0] != dirs[1] and all((tmp_path / d / "config.json").is_file() for d in dirs)
-    assert not rundir.prepare(TrainConfig(task="synthetic", max_updates=1)).endswith("node0")
+    one = TrainConfig(task="synthetic", max_updates=1)
+    assert not rundir.prepare(one, topology_for(one).run_tag).endswith("node0")

@@ -1,29 +1,21 @@
 """The simulator's virtual clock and the fair measurement: validation by tokens, the fields of a
 validation record, time to a target in virtual time, patience on dev loss."""
-import json
 import math
-import os
 
 import pytest
 
-from pyasgd.config import ConfigError, TrainConfig
+from pyasgd.config import ConfigError
 from pyasgd.trainer.launch import train
+from helpers import config_builder, records
 
 BATCH, SEQ, WPS = 32, 16, 1000.0
 D = BATCH * SEQ / WPS  # virtual seconds one synthetic batch takes a speed-1 worker
 
 
-def records(run_dir, kind):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
-
-
-def cfg(tmp_path, name="run", **kw):
-    base = dict(task="synthetic", workers=4, quiet=True, out=str(tmp_path / name), simulate=True, threads=1,
-                lr=2e-3, warmup=20, max_updates=40, max_time=0, valid_every_tokens=0, batch_size=BATCH,
-                seq_len=SEQ, sim_wps=WPS)
-    base.update(kw)
-    return TrainConfig(**base)
+# cfg(tmp_path, name="run", **kw): unlike tests/test_trainer.py's, simulated by default, 40 updates,
+# no time limit, and the batch and virtual speed D is computed from
+cfg = config_builder(task="synthetic", workers=4, quiet=True, simulate=True, threads=1, lr=2e-3, warmup=20,
+                     max_updates=40, max_time=0, valid_every_tokens=0, batch_size=BATCH, seq_len=SEQ, sim_wps=WPS)
 
 
 def test_round_robin_equal_speeds_async_has_staleness_n_minus_1_and_n_updates_per_batch_time(tmp_path):
@@ -56,6 +48,7 @@ def test_sync_virtual_time_is_the_sum_of_each_rounds_slowest_worker(tmp_path):
     assert sum(rounds) == pytest.approx(s["virtual_time_s"], abs=1e-3)
 
 
+@pytest.mark.slow
 def test_a_slow_worker_costs_sync_more_than_async(tmp_path):
     """One worker 2x slower: sync waits for it every round (about half the speed), async with
     G = N only loses that worker's share (about 7/8)."""
@@ -132,7 +125,7 @@ def test_bad_clock_and_validation_settings_name_the_option(tmp_path, kw, option)
         cfg(tmp_path, **kw)
 
 
-@pytest.mark.parametrize("max_epochs, updates", [(1, 4), (1.5, 6), (2.25, 9)])
+@pytest.mark.parametrize("max_epochs, updates", [(1, 4), (1.5, 6), pytest.param(2.25, 9, marks=pytest.mark.slow)])
 def test_max_epochs_counts_fractions_of_a_pass(tmp_path, max_epochs, updates):
     # 512 sequences over 4 workers in batches of 32: 4 batches per worker and pass, and sync
     # takes one from each worker per update, so a pass is 4 updates.

@@ -1,6 +1,5 @@
 """pyasgd-study as a user runs it: the bundled smoke study end to end, resuming, a failing
 cell, and study files that must fail before any cell runs."""
-import json
 import os
 import re
 import shutil
@@ -13,14 +12,10 @@ import pytest
 
 from pyasgd.study.grid import load_study
 from pyasgd.study.cli import main
+from helpers import read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "studies", "smoke.toml")
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +28,7 @@ def smoke(tmp_path_factory):
     return out, r
 
 
+@pytest.mark.slow
 def test_the_smoke_study_runs_every_cell_and_reports_the_cells_own_numbers(smoke):
     out, r = smoke
     _, cells = load_study(SMOKE)
@@ -63,6 +59,7 @@ def test_the_smoke_study_runs_every_cell_and_reports_the_cells_own_numbers(smoke
     assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
 
+@pytest.mark.slow
 def test_a_second_run_skips_finished_cells(smoke, run_main):
     out, _ = smoke
     before = {p: os.path.getmtime(p) for p in out.glob("*/summary.json")}
@@ -72,6 +69,7 @@ def test_a_second_run_skips_finished_cells(smoke, run_main):
     assert {p: os.path.getmtime(p) for p in out.glob("*/summary.json")} == before
 
 
+@pytest.mark.slow
 def test_report_works_from_a_copied_study_directory(smoke, tmp_path, run_main):
     out, _ = smoke
     copy = tmp_path / "copied"
@@ -100,6 +98,7 @@ seed = [1, 2]
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_an_interrupted_study_stops_its_cells_and_resumes_them(tmp_path, jobs):
     """SIGTERM (as Ctrl-C) to `pyasgd-study run`: every running cell saves its checkpoint and
@@ -130,6 +129,7 @@ def test_an_interrupted_study_stops_its_cells_and_resumes_them(tmp_path, jobs):
         assert read_json(d / "summary.json")["updates"] == 150
 
 
+@pytest.mark.slow
 def test_two_study_files_run_into_one_directory_are_both_recorded(tmp_path, run_main):
     """As paper-cpu.toml then beyond-cpu.toml into one directory: study.json keeps both files'
     cells and the report's title names both (a rerun of the first refreshes its own entry)."""
@@ -146,6 +146,7 @@ def test_two_study_files_run_into_one_directory_are_both_recorded(tmp_path, run_
     assert len(read_json(out / "report.json")) == 4
 
 
+@pytest.mark.slow
 def test_a_failing_cell_is_recorded_and_the_others_complete(tmp_path, run_main):
     study = tmp_path / "s.toml"
     # "crash" passes the study's checks (its settings are well-formed) but fails when it runs:
@@ -209,7 +210,7 @@ def test_the_shipped_study_files_expand_or_say_what_they_need(name):
 def test_table3_without_a_sync_cell_has_as_many_columns_in_every_row():
     """A block with no sync cell has no BLEU targets: its table has no time columns, and every
     row (header, separator, cells) has as many columns as the header names."""
-    from pyasgd.study.report import table3
+    from pyasgd.study.report import methods_table
 
     def row(method, G, bleu):
         return {"cell": f"{method}-lr0.002-s1", "method": method, "lr": 0.002, "seed": 1, "pair": "bundled",
@@ -218,11 +219,11 @@ def test_table3_without_a_sync_cell_has_as_many_columns_in_every_row():
                 "wps": 40000.0, "best_valid_bleu": bleu, "test_bleu": bleu, "_valid": [
                     {"update": 10, "vtime": 1.0, "bleu": bleu}]}
 
-    lines = table3([row("async", 1, 0.01), row("async-globalN", 8, 0.11)])
+    lines = methods_table([row("async", 1, 0.01), row("async-globalN", 8, 0.11)])
     table = [line for line in lines if line.startswith("|")]
     assert table[0] == ("| method | k | G | tokens/update | avg staleness | wps | best dev BLEU | test BLEU | "
                         "speed-up over sync |")
     assert len(table) == 4 and {line.count("|") for line in table} == {10}
-    with_sync = table3([row("sync", 8, 2.0), row("async-globalN", 8, 0.11)])
+    with_sync = methods_table([row("sync", 8, 2.0), row("async-globalN", 8, 0.11)])
     table = [line for line in with_sync if line.startswith("|")]
     assert "virtual s to 1.6" in table[0] and len({line.count("|") for line in table}) == 1

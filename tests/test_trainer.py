@@ -13,6 +13,7 @@ import torch
 from pyasgd.core import checkpoint
 from pyasgd.config import ConfigError, TrainConfig
 from pyasgd.trainer.launch import TrainingError, train
+from helpers import assert_all_gone, children, config_builder, gone, read_json, read_text, records
 
 # The paper's average staleness for N = 4 (section 4.3 and figure 3).
 PAPER_STALENESS = {
@@ -26,31 +27,15 @@ PAPER_STALENESS = {
 }
 
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def read_text(path):
-    with open(path) as f:
-        return f.read()
-
-
-def records(run_dir, kind):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["kind"] == kind]
-
-
-def cfg(tmp_path, name="run", **kw):
-    base = dict(task="synthetic", workers=4, quiet=True, out=str(tmp_path / name), valid_every=0, threads=1,
-                lr=2e-3, warmup=50, max_updates=500)
-    base.update(kw)
-    return TrainConfig(**base)
+# cfg(tmp_path, name="run", **kw): 4 workers on the synthetic task, no validation unless asked
+cfg = config_builder(task="synthetic", workers=4, quiet=True, valid_every=0, threads=1, lr=2e-3, warmup=50,
+                     max_updates=500)
 
 
 # --- simulator ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("case", sorted(PAPER_STALENESS))
+@pytest.mark.parametrize("case", [c if c == "async" else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in sorted(PAPER_STALENESS)])
 def test_simulator_staleness_is_exactly_the_papers(tmp_path, case):
     kw, expected = PAPER_STALENESS[case]
     skip, window = 20, 420  # 420 covers whole cycles of every pattern (lengths 1, 2, 4, 5, 7)
@@ -86,7 +71,8 @@ WITHOUT_POLICY = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", [m if m in ("async", "local 2", "pull-every 3", "drop:2") else
+                                    pytest.param(m, marks=pytest.mark.slow) for m in sorted(METHODS)])
 def test_every_method_converges_in_the_simulator(tmp_path, method):
     summary = train(cfg(tmp_path, simulate=True, max_updates=400, **METHODS[method]))
     ups = records(str(tmp_path / "run"), "update")
@@ -105,6 +91,7 @@ def test_every_method_converges_in_the_simulator(tmp_path, method):
         assert not torch.equal(ours, twin), f"{method} changed nothing"
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_the_synthetic_task(tmp_path):
     kw = dict(simulate=True, mode="async", global_accum=2, max_updates=400)
     summary = train(cfg(tmp_path, "bf16", amp="bf16", **kw))
@@ -115,6 +102,7 @@ def test_bf16_autocast_trains_the_synthetic_task(tmp_path):
     assert not torch.equal(bf16["params"], fp32["params"])  # the forward really ran in bf16
 
 
+@pytest.mark.slow
 def test_bf16_gradients_train_in_the_simulator_and_change_the_run(tmp_path):
     kw = dict(simulate=True, mode="async", global_accum=2, max_updates=400)
     summary = train(cfg(tmp_path, "bf16", grad_dtype="bf16", **kw))
@@ -158,8 +146,7 @@ def test_real_process_staleness_within_10_percent(tmp_path, case):
         assert summary["staleness_hist"] == {"0": 4 * summary["updates"]}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", ["sync", "async", "combined"])
+@pytest.mark.parametrize("method", ["sync", "async", pytest.param("combined", marks=pytest.mark.slow)])
 def test_real_processes_converge(tmp_path, method):
     # Validation in the launcher: a run this short ends before a validator process has started.
     summary = train(cfg(tmp_path, workers=2, max_updates=300, valid_every=100, valid_process=False,
@@ -203,6 +190,7 @@ def test_real_workers_stop_at_a_fractional_max_epochs(tmp_path):
     assert s["epochs"] == pytest.approx(1.5)
 
 
+@pytest.mark.slow
 def test_worker_slowdown_makes_one_worker_a_straggler(tmp_path):
     """--worker-slowdown 1:3: worker 1 takes three times as long per gradient (a slower
     accelerator); in sync mode worker 0 then spends most of its time waiting at the barrier."""
@@ -216,7 +204,7 @@ def test_worker_slowdown_makes_one_worker_a_straggler(tmp_path):
 @pytest.mark.slow
 def test_sync_matches_single_process_with_summed_batches(tmp_path):
     from pyasgd.core.flat import FlatModel
-    from pyasgd.trainer.server import Updater
+    from pyasgd.trainer.update import Updater
     from pyasgd.tasks import Cursor, make_task
 
     c = cfg(tmp_path, workers=3, mode="sync", max_updates=6, lr=1e-2, warmup=2)
@@ -250,7 +238,7 @@ def test_the_cpu_server_without_a_master_copy_matches_the_master_path_bit_for_bi
     buffer and writes the back one, no master copy; the gradient through an fp32 or bf16 slot)
     equals an in-process replay on a master copy, bit for bit, checkpoint included."""
     from pyasgd.core.flat import FlatModel
-    from pyasgd.trainer.server import Updater
+    from pyasgd.trainer.update import Updater
     from pyasgd.tasks import Cursor, make_task
 
     c = cfg(tmp_path, workers=1, mode="sync", max_updates=12, lr=1e-2, warmup=3, grad_dtype=grad_dtype)
@@ -341,35 +329,6 @@ def cli(run_main):
     return lambda *args: run_main(main, "--task", "synthetic", "--lr", "2e-3", "--warmup", "50", *args)
 
 
-def children(pid):
-    try:
-        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    except FileNotFoundError:
-        pytest.skip("pgrep not available")
-    return [int(x) for x in out.split()]
-
-
-def gone(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:  # a zombie waiting to be reaped is gone too
-        return read_text(f"/proc/{pid}/stat").split()[2] == "Z"
-    except OSError:
-        return True
-
-
-def assert_all_gone(pids, within=10.0):
-    """No process of the run outlives it (multiprocessing's resource tracker exits once its
-    pipe closes, so allow a moment)."""
-    deadline = time.time() + within
-    while time.time() < deadline and not all(gone(k) for k in pids):
-        time.sleep(0.1)
-    left = {k: read_text(f"/proc/{k}/cmdline").replace("\0", " ")[:120] for k in pids if not gone(k)}
-    assert not left, f"processes outlived the run: {left}"
-
-
 def start_cli(tmp_path, *args):
     p = subprocess.Popen([sys.executable, "-m", "pyasgd.trainer.cli", "--task", "synthetic", "--workers", "2", "--max-time", "0",
                           "--max-updates", "100000", "--valid-every", "50",
@@ -410,7 +369,6 @@ def test_a_real_run_with_bf16_gradients_trains_leaves_nothing_and_resumes(tmp_pa
     assert summary["final_valid"]["accuracy"] > 0.6
 
 
-@pytest.mark.slow
 def test_sigint_stops_cleanly_with_130(tmp_path):
     p, kids = start_cli(tmp_path)
     assert len(kids) >= 3  # server + 2 workers (+ multiprocessing's resource tracker)

@@ -67,6 +67,12 @@ class GradientBatch:
     bounds: list[float] = field(default_factory=list)  # max |g| per gradient (see fused_adam_step)
     positions: list[int] = field(default_factory=list)  # each pusher's data position after it
 
+    @staticmethod
+    def merge(batches: list[GradientBatch]) -> GradientBatch:
+        """One batch of the gradients collected one at a time (in arrival order)."""
+        names = [f.name for f in dataclasses.fields(GradientBatch)]
+        return GradientBatch(**{name: [x for b in batches for x in getattr(b, name)] for name in names})
+
 
 _owned: weakref.WeakSet = weakref.WeakSet()
 _handlers_installed = False
@@ -293,40 +299,10 @@ class SharedRegion:
             ticket = h.push_cpu(grad.data_ptr(), int(worker), int(version), int(tokens), float(loss), int(position),
                                 float(timeout))
         else:
-            ticket = self._push_cuda(grad, int(worker), int(version), int(tokens), float(loss), int(position),
+            ticket = _push_cuda(self, grad, int(worker), int(version), int(tokens), float(loss), int(position),
                                      float(timeout))
         self._ticket = ticket
         return ticket.push_seq
-
-    def _push_cuda(self, grad: torch.Tensor, worker: int, version: int, tokens: int, loss: float, position: int,
-                   timeout: float):
-        """A CUDA gradient into a pinned slot. With pyasgd's CUDA build and a mapped region, one
-        kernel stores it straight into the slot (device -> host; rounded to bf16 in a bf16
-        region) and measures max |g| in the same pass; otherwise torch rounds (bf16) and measures
-        the bound first and copies after. Either way the claim is given back if anything fails
-        between claim and commit, so no slot leaks."""
-        h = self._handle()
-        bf16 = self.grad_dtype == torch.bfloat16
-        fused = self._pinned and _ext.cuda_built()
-        bound = math.nan
-        src = grad.detach().reshape(-1)
-        if not fused:  # before the claim: an error here holds nothing
-            if bf16:
-                src = src.to(torch.bfloat16)  # nearest even, as the fused kernel rounds
-            bound = float(src.abs().amax())  # of what the slot will hold
-        slot = h.claim(worker, timeout)
-        try:
-            if fused:
-                stream = torch.cuda.current_stream(grad.device)
-                copy = _C.cuda_copy_bf16_absmax if bf16 else _C.cuda_copy_absmax
-                bound = copy(self.slot_buffers[slot].data_ptr(), grad.data_ptr(), h.n, grad.device.index,
-                             stream.cuda_stream)  # synchronises
-            else:
-                self.slot_buffers[slot].copy_(src)  # device -> pinned host, synchronous
-        except BaseException:
-            h.abandon(slot)
-            raise
-        return h.commit(slot, version, tokens, loss, bound if math.isfinite(bound) else math.inf, position)
 
     def wait_processed(self, timeout: float = 60.0) -> None:
         """Wait until the server has processed this process's last push: taken into its
@@ -361,12 +337,6 @@ class SharedRegion:
             positions=[c.position for c in got],
         )
 
-    @staticmethod
-    def merge(batches: list[GradientBatch]) -> GradientBatch:
-        """One batch of the gradients collected one at a time (in arrival order)."""
-        names = [f.name for f in dataclasses.fields(GradientBatch)]
-        return GradientBatch(**{name: [x for b in batches for x in getattr(b, name)] for name in names})
-
     def release(self, batch: GradientBatch) -> None:
         self._handle().release(batch.slots)
 
@@ -375,3 +345,34 @@ class SharedRegion:
 
     def reclaim_dead(self) -> list[tuple[int, int, int]]:
         return [(r.slot, r.pid, r.worker) for r in self._handle().reclaim_dead()]
+
+
+def _push_cuda(region: SharedRegion, grad: torch.Tensor, worker: int, version: int, tokens: int, loss: float, position: int,
+               timeout: float):
+    """A CUDA gradient into a pinned slot. With pyasgd's CUDA build and a mapped region, one
+    kernel stores it straight into the slot (device -> host; rounded to bf16 in a bf16
+    region) and measures max |g| in the same pass; otherwise torch rounds (bf16) and measures
+    the bound first and copies after. Either way the claim is given back if anything fails
+    between claim and commit, so no slot leaks."""
+    h = region._handle()
+    bf16 = region.grad_dtype == torch.bfloat16
+    fused = region._pinned and _ext.cuda_built()
+    bound = math.nan
+    src = grad.detach().reshape(-1)
+    if not fused:  # before the claim: an error here holds nothing
+        if bf16:
+            src = src.to(torch.bfloat16)  # nearest even, as the fused kernel rounds
+        bound = float(src.abs().amax())  # of what the slot will hold
+    slot = h.claim(worker, timeout)
+    try:
+        if fused:
+            stream = torch.cuda.current_stream(grad.device)
+            copy = _C.cuda_copy_bf16_absmax if bf16 else _C.cuda_copy_absmax
+            bound = copy(region.slot_buffers[slot].data_ptr(), grad.data_ptr(), h.n, grad.device.index,
+                         stream.cuda_stream)  # synchronises
+        else:
+            region.slot_buffers[slot].copy_(src)  # device -> pinned host, synchronous
+    except BaseException:
+        h.abandon(slot)
+        raise
+    return h.commit(slot, version, tokens, loss, bound if math.isfinite(bound) else math.inf, position)

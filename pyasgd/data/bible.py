@@ -66,15 +66,6 @@ def extract(db: str, src: str, tgt: str) -> dict[str, list[tuple[str, str]]]:
     return splits
 
 
-def write_tsv_xz(splits: dict[str, list[tuple[str, str]]], path: str) -> None:
-    tmp = path + ".tmp"
-    with lzma.open(tmp, "wt", encoding="utf-8", preset=9) as f:
-        for split, pairs in splits.items():
-            for s, t in pairs:
-                f.write(f"{split}\t{s}\t{t}\n")
-    os.replace(tmp, path)
-
-
 def read_tsv_xz(path: str) -> dict[str, list[tuple[str, str]]]:
     splits: dict[str, list[tuple[str, str]]] = {"train": [], "dev": [], "test": []}
     with lzma.open(path, "rt", encoding="utf-8") as f:

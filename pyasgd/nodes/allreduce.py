@@ -22,6 +22,19 @@ from pyasgd.nodes.rendezvous import connect_store
 GO, STOP, FAIL = 0.0, 1.0, 2.0
 
 
+class NodeEnded:
+    """Another node ended the run: the server's stop reason "node R failed" / "node R stopped"."""
+
+    def __init__(self, node: int, failed: bool) -> None:
+        self.node, self.failed = node, failed
+
+    def __str__(self) -> str:
+        return f"node {self.node} {'failed' if self.failed else 'stopped'}"
+
+    def record(self) -> dict:
+        return {"ended_by": {"node": self.node, "failed": self.failed}}
+
+
 class NodeLostError(RuntimeError):
     """A collective with the other nodes failed: one of them died or cannot be reached."""
 
@@ -107,20 +120,6 @@ class NodeGroup:
             except RuntimeError as e:
                 raise NodeLostError(f"taking node {src}'s state failed: {_first_line(e)}") from None
         return src, int(steps[src].item())
-
-
-def weighted_sum(grads, staleness, config: TrainConfig, out: torch.Tensor) -> int:
-    """Sum a node's local gradients into `out` (fp32) with the stale policy applied per
-    gradient, as the single-node server does before its fused sum; returns how many it dropped."""
-    limit, scale = config.stale_drop(), config.stale_policy == "scale"
-    out.zero_()
-    dropped = 0
-    for g, s in zip(grads, staleness):
-        if limit is not None and s > limit:
-            dropped += 1
-            continue
-        out.add_(g, alpha=1.0 / s if scale and s > 1 else 1.0)  # bf16 slots widen exactly
-    return dropped
 
 
 def _first_line(e: BaseException) -> str:

@@ -11,7 +11,6 @@ per-node summaries into node 0's. The servers' gradient traffic is pyasgd/nodes/
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import os
@@ -109,7 +108,7 @@ def agreement(config: TrainConfig) -> dict[str, Any]:
 
 def first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
     """The first field (in TrainConfig's order) where two nodes' settings differ."""
-    for f in dataclasses.fields(TrainConfig):
+    for _, f in TrainConfig.flat_fields():
         if f.name in mine and mine.get(f.name) != theirs.get(f.name):
             return f.name
     return None

@@ -28,7 +28,6 @@ sweep for three methods and an accumulation comparison at one rate, without the 
 """
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import os
@@ -115,7 +114,7 @@ def expand(spec: dict[str, Any], root: str, source: str = "study") -> list[Cell]
     grids = spec.get("grids") or [spec.get("grid", {})]
     if not isinstance(grids, list) or not all(isinstance(g, dict) for g in grids):
         raise StudyError(f"{source}: [[grids]] must be tables")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    fields = set(TrainConfig.field_names())
     default_lr = base.get("lr", TrainConfig.lr)
     default_seed = base.get("seed", TrainConfig.seed)
     cells: dict[str, Cell] = {}
@@ -180,7 +179,8 @@ def _pairs(pairs: dict[str, Any], root: str, source: str) -> dict[str, dict[str,
 
 
 def cell_name(method: str, pair: str, lr: float, seed: int, variant: dict[str, Any]) -> str:
-    parts = [method] + ([] if pair == "bundled" else [pair]) + [f"lr{lr:g}", f"s{seed}"]
+    rate = f"lr{lr:g}" if isinstance(lr, (int, float)) else f"lr{lr}"  # not a number: TrainConfig names --lr
+    parts = [method] + ([] if pair == "bundled" else [pair]) + [rate, f"s{seed}"]
     parts += [f"{k}{v}" for k, v in sorted(variant.items())]
     return re.sub(r"[^A-Za-z0-9.=+-]+", "_", "-".join(str(p) for p in parts))
 

@@ -28,9 +28,8 @@ def load_translator(run_dir: str, last: bool = False):
     for name in (rundir.CONFIG, SUBWORD_MODEL):
         if not os.path.isfile(os.path.join(run_dir, name)):
             raise FileNotFoundError(f"{run_dir} is not a translation run directory (no {name})")
-    saved = rundir.read_json(os.path.join(run_dir, rundir.CONFIG))
-    saved.update(devices="cpu", server_device="cpu")  # trained on a GPU, translated anywhere
-    config = TrainConfig.from_dict(saved, source=os.path.join(run_dir, rundir.CONFIG))
+    path = os.path.join(run_dir, rundir.CONFIG)  # a GPU run's config loads anywhere: only a launch checks devices
+    config = TrainConfig.from_dict(rundir.read_json(path), source=path)
     subwords = Subwords(os.path.join(run_dir, SUBWORD_MODEL))
     flat = FlatModel(build(model_config_from(config), subwords.vocab_size))
     best = os.path.join(run_dir, rundir.BEST)

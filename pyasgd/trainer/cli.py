@@ -5,50 +5,82 @@
     pyasgd-train --task synthetic --simulate --workers 4 --local-accum 2 --global-accum 2
     pyasgd-train --config run.toml --max-updates 2000
     pyasgd-train --resume runs/20261126-080000-async --max-updates 4000
-    pyasgd-train --mode sync --nnodes 2 --node-rank 0 --master-addr HOST0 --master-port 29500   # on HOST0
-    pyasgd-train --mode sync --nnodes 2 --node-rank 1 --master-addr HOST0 --master-port 29500   # on HOST1
-    torchrun --nnodes 2 --nproc-per-node 1 --node-rank R --master-addr HOST0 --master-port 29500 -m pyasgd.trainer.cli --mode sync
 
-Every option is a TrainConfig field (pyasgd/config.py); --config FILE loads TOML with the same
-names, and options given on the command line override it.
+Every option is a setting of TrainConfig (pyasgd/config/), listed above by its section;
+--config FILE loads TOML with the same names (max_updates = 2000), and options given on the
+command line override it. Several machines: see "Beyond one node" in the README (under torchrun,
+its environment fills the node options).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-import typing
 
-from pyasgd.trainer import rundir
-from pyasgd.config import TrainConfig, field_docs, load_toml
+from pyasgd.config import SECTIONS, TrainConfig, field_docs, load_toml
+from pyasgd.config.base import EXPECTED, choices_of, field_types, opt
 from pyasgd.errors import ConfigError, Terminated
+from pyasgd.nodes.launch_env import torchrun_settings
+from pyasgd.trainer import rundir
+
+
+METAVARS = {int: "N", float: "X"}
+
+
+def _number(base: type):
+    """argparse's type for an int or float setting, its error in the config's words."""
+    def convert(text: str):
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {EXPECTED[base]}, got {text!r}") from None
+    return convert
+
+
+def _help(name: str, doc: str, default, base: type) -> str:
+    """The field's docstring, and its default unless the docstring says what the default means."""
+    if "default:" not in doc.lower():
+        if default is None or default == "":
+            raise AssertionError(f"the docstring of setting {name} must say what its default ({default!r}) means")
+        if base is bool:
+            shown = opt(name) if default else "--no-" + opt(name)[2:]
+        else:
+            shown = f"{default:g}" if isinstance(default, float) else str(default)
+        doc = f"{doc} (default: {shown})"
+    return doc.replace("%", "%%")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pyasgd-train", description=__doc__.split("\n\n")[0],
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", metavar="FILE", help="TOML file of settings (command-line options override it)")
+    import pyasgd
+
+    description, epilog = __doc__.rsplit("\n\n", 1)
+    p = argparse.ArgumentParser(prog="pyasgd-train", usage="%(prog)s [OPTIONS]", description=description, epilog=epilog,
+                                allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {pyasgd.__version__}")
+    p.add_argument("--config", metavar="FILE",
+                   help="TOML file of settings, by the options' names (command-line options override it)")
     p.add_argument("--build-info", action="store_true", help="print the extension build report and exit")
     docs = field_docs()
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        opt = "--" + f.name.replace("_", "-")
-        help_ = f"{docs.get(f.name, '')} (default: {f.default})"
-        typ = hints[f.name]
-        base = next((t for t in typing.get_args(typ) if t is not type(None)), typ)
+    groups = {s: p.add_argument_group(cls.title, cls.__doc__.strip().splitlines()[0]) for s, cls in SECTIONS.items()}
+    for section, f in TrainConfig.flat_fields():
+        base, _ = field_types(SECTIONS[section])[f.name]
+        g, help_ = groups[section], _help(f.name, docs[f.name], f.default, base)
         if base is bool:
-            p.add_argument(opt, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            g.add_argument(opt(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
             continue
-        p.add_argument(opt, dest=f.name, type=base, default=None, metavar=f.name.upper(), help=help_)
+        kw: dict = {"metavar": f.name.upper()} if base is str else {"type": _number(base), "metavar": METAVARS[base]}
+        choices = choices_of(f)
+        if choices:  # shown as {a,b}; "" (the default's meaning, said in the help) is accepted but not shown
+            kw = {"choices": choices, "metavar": "{" + ",".join(c for c in choices if c) + "}"}
+        g.add_argument(opt(f.name), dest=f.name, default=None, help=help_, **kw)
     return p
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name) is not None}
+    """The run directory's config (--resume), then --config, then the options, then what a
+    launcher's environment implies where neither --config nor an option said it."""
+    given = {name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name) is not None}
     settings: dict = {}
     if given.get("resume"):
         path = os.path.join(given["resume"], rundir.CONFIG)
@@ -56,38 +88,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise ConfigError(f"--resume: {given['resume']!r} is not a run directory (no {rundir.CONFIG})")
         settings = rundir.read_json(path)
         settings["out"] = given["resume"]
-    if args.config:
-        settings.update(load_toml(args.config))
+    toml = {k.replace("-", "_"): v for k, v in load_toml(args.config).items()} if args.config else {}
+    settings.update(toml)
     settings.update(given)
-    for name, value in torchrun_env(os.environ).items():
-        if name not in given and not (args.config and name in settings):  # options and --config win
+    for name, value in torchrun_settings(os.environ).items():
+        if name not in given and name not in toml:  # options and --config win
             settings[name] = value
     return TrainConfig.from_dict(settings, source=args.config or "options")
-
-
-# torchrun's environment -> the settings it stands for (one pyasgd-train per node: --nproc-per-node 1)
-TORCHRUN_ENV = {"WORLD_SIZE": "nnodes", "RANK": "node_rank", "MASTER_ADDR": "master_addr", "MASTER_PORT": "master_port"}
-
-
-def torchrun_env(environ) -> dict:
-    """The multi-node settings torchrun (or any launcher using its names) put in the environment."""
-    local = environ.get("LOCAL_WORLD_SIZE")
-    if local not in (None, "", "1"):
-        raise ConfigError(f"torchrun started {local} processes on this node: run one pyasgd-train per node "
-                          "(torchrun --nproc-per-node 1); --workers sets the worker processes of each node")
-    out: dict = {}
-    for var, name in TORCHRUN_ENV.items():
-        value = environ.get(var, "")
-        if not value:
-            continue
-        if name != "master_addr":
-            try:
-                value = int(value)
-            except ValueError:
-                raise ConfigError(f"${var} (torchrun's, for --{name.replace('_', '-')}) must be an integer, "
-                                  f"got {value!r}") from None
-        out[name] = value
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

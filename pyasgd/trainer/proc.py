@@ -80,14 +80,3 @@ def stop_resource_tracker() -> None:
     stop = getattr(resource_tracker._resource_tracker, "_stop", None)
     if stop is not None:
         stop()
-
-
-def server_fault_step() -> int | None:
-    """Tests make a server fail on its own (not a lost node) with PYASGD_TEST_SERVER_FAULT=<update>:
-    the update after which it raises. Read once when the server starts, not on every update."""
-    at = os.environ.get("PYASGD_TEST_SERVER_FAULT", "")
-    return int(at) if at else None
-
-
-def injected_server_fault(step: int) -> RuntimeError:
-    return RuntimeError(f"injected fault in the server after update {step} (PYASGD_TEST_SERVER_FAULT)")

@@ -18,7 +18,9 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 
 
-def prepare(config: TrainConfig) -> str:
+def prepare(config: TrainConfig, tag: str = "") -> str:
+    """The run directory: a resumed one (checked against the config it ran with) or a new one,
+    default runs/<timestamp>-<mode><tag> (the topology's tag: nodes may share a filesystem)."""
     if config.resume:
         d = config.resume
         if not os.path.isfile(os.path.join(d, CONFIG)):
@@ -33,18 +35,13 @@ def prepare(config: TrainConfig) -> str:
         if os.path.exists(os.path.join(d, SUMMARY)):
             os.replace(os.path.join(d, SUMMARY), os.path.join(d, PREV_SUMMARY))
     else:
-        node = f"-node{config.node_rank}" if config.nnodes > 1 else ""  # nodes may share a filesystem
-        d = config.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.mode}{node}")
+        d = config.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.mode}{tag}")
         if os.path.exists(os.path.join(d, CONFIG)):
             raise ConfigError(f"--out: {d!r} already holds a run; pass --resume {d} to continue it, "
                               f"or choose another --out")
         os.makedirs(d, exist_ok=True)
     write_json(os.path.join(d, CONFIG), config.to_dict())
     return d
-
-
-def read_config(run_dir: str) -> TrainConfig:
-    return TrainConfig.from_dict(read_json(os.path.join(run_dir, CONFIG)), source=os.path.join(run_dir, CONFIG))
 
 
 def read_json(path: str):

@@ -1,5 +1,5 @@
 """The deterministic simulator (`--simulate`): the N workers run as virtual workers in one
-process, with the server logic of the real trainer (`server.Updater`) and the same staleness
+process, with the server logic of the real trainer (`update.Updater`, `update.UpdateBook`) and the same staleness
 model. Each virtual worker computes its gradient on the parameters it last pulled.
 
 A virtual clock says when each gradient arrives: a worker's computation of T target tokens takes
@@ -22,7 +22,6 @@ Same seed and config give bit-identical results, and a resumed run continues bit
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +33,8 @@ from pyasgd.config import TrainConfig
 from pyasgd.core.flat import FlatModel
 from pyasgd.trainer.steps import ValidationSchedule, final_test, finish, local_gradient, start_run, validate, validate_last
 from pyasgd.trainer.runlog import RunLog
-from pyasgd.trainer.server import Updater, update_record
+from pyasgd.trainer.stops import StopReason
+from pyasgd.trainer.update import Applied, UpdateBook, Updater
 from pyasgd.tasks import Cursor
 
 
@@ -159,6 +159,7 @@ class Simulation:
         t0 = log.t0  # restored by a resume: the clocks go on
         pending: list[tuple[torch.Tensor, int, int, float, int]] = []  # grad, version, tokens, loss, worker
         schedule = ValidationSchedule(c, up.step, log.tokens)
+        book = UpdateBook(c, up, sink=log.on_update, save=self.save, t0=t0)
         stopped_because = ""
         while not stopped_because:
             i = self.next_worker()
@@ -173,28 +174,21 @@ class Simulation:
             res = up.apply([p[0] for p in pending], staleness, out=self.published)
             if res.publish:
                 self.version += 1
-            record = update_record(up.step, self.version, res, staleness, [p[2] for p in pending],
-                                   [p[3] for p in pending], [p[4] for p in pending], t0)
-            record["vtime"] = round(self.clock, 4)
-            log.on_update(record)
+            used = Applied(staleness, [p[2] for p in pending], [p[3] for p in pending], [p[4] for p in pending])
             pending = []
             # sync: the barrier, everyone pulls the new version (if due) and starts together
             for j in (range(c.workers) if self.sync else [i]):
                 self.pull_if_due(j)
                 self.begin(j, self.clock)
-            if res.applied:
-                if c.save_every and up.step % c.save_every == 0:
-                    self.save()
-                if c.max_updates and up.step >= c.max_updates:
-                    stopped_because = "max_updates"
+            stopped_because = book.after_update(res, self.version, used, extra={"vtime": round(self.clock, 4)})
             if schedule.due(up.step, log.tokens):
                 self.validate()
-                stopped_because = stopped_because or ("patience" if log.out_of_patience else "")
+                stopped_because = stopped_because or (StopReason.PATIENCE if log.out_of_patience else "")
             if c.max_epochs and any(self.task.passes_done(j, c.workers, w.cursor, c.max_epochs)
                                     for j, w in enumerate(self.vws)):
-                stopped_because = stopped_because or "max_epochs"
+                stopped_because = stopped_because or StopReason.MAX_EPOCHS
             if c.max_time and log.elapsed >= c.max_time:
-                stopped_because = stopped_because or "max_time"
+                stopped_because = stopped_because or StopReason.MAX_TIME
         self.save()
         wall = log.elapsed
         self.flat.params.copy_(self.published)

@@ -3,12 +3,13 @@ it last pulled, optionally sums k local batches, pushes, and pulls again every U
 In sync mode it waits after each push until the server has used it (the barrier)."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from pyasgd import testing
 from pyasgd.core import ext as _ext
 from pyasgd.config import TrainConfig
 from pyasgd.trainer.proc import become_child, run_reporting
@@ -19,6 +20,7 @@ from pyasgd.trainer.steps import local_gradient
 class WorkerArgs:
     rank: int
     config: TrainConfig
+    topology: Any         # pyasgd.trainer.topology.OneNode or a multi-node topology
     region: str
     cursors: object       # mp.Array of N int64: each worker's last pushed position (Cursor.pack)
     stop: object          # mp.Event
@@ -41,25 +43,6 @@ def worker_name(rank: int) -> str:
     return name if len(name) <= 15 else f"pyasgd-w{rank}"
 
 
-def _fault(rank: int) -> tuple[int, int] | None:
-    """Tests inject a failure with PYASGD_TEST_FAULT=raise:<rank>:<after pushes>[:once:<marker
-    file>]: every incarnation of worker <rank> raises, or with `once` only the first (it creates
-    the marker; a replacement that finds it goes on)."""
-    spec = os.environ.get("PYASGD_TEST_FAULT", "")
-    if not spec.startswith("raise:"):
-        return None
-    parts = spec.split(":")
-    if int(parts[1]) != rank:
-        return None
-    if len(parts) >= 5 and parts[3] == "once":
-        marker = ":".join(parts[4:])
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
-        except FileExistsError:
-            return None
-    return int(parts[1]), int(parts[2])
-
-
 def _work(args: WorkerArgs, config: TrainConfig) -> None:
     from pyasgd.core.region import RegionClosedError, SharedRegion
     from pyasgd.core.flat import FlatModel
@@ -76,15 +59,13 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
     # resumed run reseeds deterministically (the simulator saves the RNG state itself).
     # Across nodes the data shards and seeds follow the global rank R x N + rank of M x N workers,
     # so M nodes of N workers see the batches one node of M x N workers would.
-    everyone = config.global_rank(rank)
-    torch.manual_seed(config.seed * 1_000_003 + everyone * 10_007 + cursor.epoch * 101 + cursor.index)
-    data = task.batches(everyone, config.total_workers, cursor)
-    sync, U, k = config.mode == "sync", config.pull_every, config.local_accum
-    if not sync and config.nnodes > 1 and U > 1:
-        U *= config.nnodes  # the sharded server publishes each of the M shards' updates as a version
+    global_rank = config.global_rank(rank)
+    torch.manual_seed(config.seed * 1_000_003 + global_rank * 10_007 + cursor.epoch * 101 + cursor.index)
+    data = task.batches(global_rank, config.total_workers, cursor)
+    sync, U, k = config.mode == "sync", args.topology.pull_every(), config.local_accum
     compute_s = wait_s = 0.0
     slowdown = config.slowdowns().get(rank, 1.0)  # a slower accelerator, emulated by sleeping
-    fault = _fault(rank)
+    fault_after = testing.worker_fault(rank)
     pushes, last_report = 0, time.monotonic()
     try:
         q.put({"kind": "ready", "worker": rank})
@@ -106,8 +87,8 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
                         position=cursor.pack(), timeout=config.timeout)
             args.cursors[rank] = cursor.pack()  # a replacement goes on from here
             pushes += 1
-            if fault == (rank, pushes):
-                raise RuntimeError(f"injected fault in worker {rank} after {pushes} pushes (PYASGD_TEST_FAULT)")
+            if pushes == fault_after:
+                raise testing.worker_fault_error(rank, pushes)
             if sync:  # the barrier: our gradient is in the update everyone computes from next
                 round_version = region.wait_version(round_version, timeout=config.timeout)
             else:  # parameter-server order: push, the server takes it, then pull
@@ -115,7 +96,7 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
             if region.version - pulled >= U:
                 pulled = region.pull(flat.params)
             wait_s += time.monotonic() - t2
-            if config.max_epochs and task.passes_done(everyone, config.total_workers, cursor, config.max_epochs):
+            if config.max_epochs and task.passes_done(global_rank, config.total_workers, cursor, config.max_epochs):
                 q.put({"kind": "worker_done", "worker": rank, "epoch": cursor.epoch})
                 break
             if time.monotonic() - last_report > 1.0:
