@@ -8,14 +8,10 @@ import os
 import pytest
 
 from pyasgd.config import TrainConfig
+from helpers import read_json as _json
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
 CELLS = sorted(glob.glob(os.path.join(ROOT, "*", "*", "config.json")))
-
-
-def _json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 def _updates(path, n):
@@ -45,6 +41,7 @@ def test_committed_cells_stop_where_they_ran():
             assert config["max_epochs"] - s["epochs"] < 1.0, (path, config["max_epochs"], s["epochs"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cell", ["paper-cpu/sync-lr0.002-s1", "paper-cpu/async-global4-lr0.002-s1"])
 def test_a_committed_cell_reproduces_its_first_updates(tmp_path, monkeypatch, cell):
     from pyasgd.trainer import simulate as sim

@@ -156,7 +156,7 @@ def run_owner(mode):
                             stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("mode", ["return", "raise"])
+@pytest.mark.parametrize("mode", [pytest.param("return", marks=pytest.mark.slow), "raise"])
 def test_owner_exit_removes_segment(mode):
     p = run_owner(mode)
     out, err = p.communicate(timeout=60)
@@ -165,7 +165,7 @@ def test_owner_exit_removes_segment(mode):
     assert name not in shm_names()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_owner_signal_removes_segment(sig):
     p = run_owner("sleep")
     name = p.stdout.readline().strip()
@@ -253,7 +253,8 @@ def test_update_with_non_finite_gradient_publishes_nothing():
         assert region.pull(dst) == v0 and torch.equal(dst, torch.ones(n))
 
 
-@pytest.mark.parametrize("G", [pytest.param(1, marks=pytest.mark.slow), 3])
+@pytest.mark.slow
+@pytest.mark.parametrize("G", [1, 3])
 def test_bf16_slots_carry_rounded_gradients_and_the_update_is_the_fp32_one_on_them(G):
     """Real pushers round into bf16 slots (measuring the bound on the way); the server updates
     from the front buffer into the back one, and gets, bit for bit, the fp32 master-copy update

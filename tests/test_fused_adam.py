@@ -323,7 +323,8 @@ def _offset_buffer(n, device, offset, fill=float("nan")):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n,offset", [(7, 0), (1023, 1), (2**20 + 3, 0), (2**20 + 3, 1)])
+@pytest.mark.parametrize("n,offset", [(7, 0), (1023, 1), pytest.param(2**20 + 3, 0, marks=pytest.mark.slow),
+                                      (2**20 + 3, 1)])
 @pytest.mark.parametrize("G", [1, 2, 4])
 @pytest.mark.parametrize("bounds", [False, True])
 @pytest.mark.parametrize("decay", sorted(DECAYS))
@@ -416,7 +417,7 @@ def _bf16_grads(G, n, device, seed=7):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n", [1, 22, 1023, 2**20 + 3])
+@pytest.mark.parametrize("n", [1, 22, 1023, pytest.param(2**20 + 3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("G", [1, 2, 3, 4, 5])
 @pytest.mark.parametrize("bounds", [False, True])
 def test_bf16_grads_equal_the_update_from_their_widened_values(device, n, G, bounds):

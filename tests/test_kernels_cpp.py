@@ -48,7 +48,8 @@ def expected_level(cap: str) -> str:
     return "avx2" if {"avx2", "fma"} <= flags else "scalar"
 
 
-@pytest.mark.parametrize("cap", ["", "avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("cap", ["", pytest.param("avx512", marks=pytest.mark.slow),
+                                 pytest.param("avx2", marks=pytest.mark.slow), "scalar"])
 def test_isa_table_picks_the_level_this_cpu_supports(cap):
     level = run_with_simd(cap, "import pyasgd._C as C; print(C.cpu_simd_level())")
     assert level == expected_level(cap)
@@ -104,7 +105,8 @@ print(C.cpu_simd_level())
 """
 
 
-@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("simd", [pytest.param("avx512", marks=pytest.mark.slow),
+                                  pytest.param("avx2", marks=pytest.mark.slow), "scalar"])
 def test_adam_denominator_divides_bit_exactly(simd):
     assert run_with_simd(simd, EXACT_STEP) == expected_level(simd)
 
@@ -144,8 +146,8 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("simd", [pytest.param("avx512", marks=pytest.mark.slow),
-                                  pytest.param("avx2", marks=pytest.mark.slow), "scalar"])
+@pytest.mark.slow
+@pytest.mark.parametrize("simd", ["avx512", "avx2", "scalar"])
 def test_bf16_grads_and_param_out_at_every_simd_level(simd):
     assert run_with_simd(simd, BF16_PARAM_OUT) == "ok"
 

@@ -105,6 +105,7 @@ def test_two_reclaimers_never_free_a_live_pushers_slot(shm_dir):
             stop(victim, live, slow)
 
 
+@pytest.mark.slow
 def test_a_claimer_preempted_after_its_cas_keeps_its_slot(shm_dir):
     """A pusher claims a slot last held by a dead pusher and is preempted right after its CAS.
     Its pid must be in the slot from that CAS on: a reclaimer that looks meanwhile must not see
@@ -590,7 +591,8 @@ FORK_DURING_RUN = POOL_COMMON + """
 """
 
 
-@pytest.mark.parametrize("background", [pytest.param("running", marks=pytest.mark.slow), "rebuilding"])
+@pytest.mark.slow
+@pytest.mark.parametrize("background", ["running", "rebuilding"])
 def test_fork_while_another_thread_uses_the_pool(background):
     """The child of a fork made while another thread is inside run(), or is rebuilding the pool
     after set_threads() (holding the pool's lock), gets a working pool of its own."""

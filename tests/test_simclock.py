@@ -13,7 +13,7 @@ D = BATCH * SEQ / WPS  # virtual seconds one synthetic batch takes a speed-1 wor
 
 
 # cfg(tmp_path, name="run", **kw): unlike tests/test_trainer.py's, simulated by default, 40 updates,
-# no time limit, and the batch and virtual speed D is computed from
+# no time limit, and the batch, sequence length and virtual speed that D is computed from
 cfg = config_builder(task="synthetic", workers=4, quiet=True, simulate=True, threads=1, lr=2e-3, warmup=20,
                      max_updates=40, max_time=0, valid_every_tokens=0, batch_size=BATCH, seq_len=SEQ, sim_wps=WPS)
 

@@ -71,7 +71,7 @@ WITHOUT_POLICY = {
 }
 
 
-@pytest.mark.parametrize("method", [m if m in ("async", "local 2", "pull-every 3", "drop:2") else
+@pytest.mark.parametrize("method", [m if m in ("async", "pull-every 3") else
                                     pytest.param(m, marks=pytest.mark.slow) for m in sorted(METHODS)])
 def test_every_method_converges_in_the_simulator(tmp_path, method):
     summary = train(cfg(tmp_path, simulate=True, max_updates=400, **METHODS[method]))

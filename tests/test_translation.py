@@ -170,7 +170,8 @@ def test_batches_respect_the_token_limit_and_cover_each_sentence_once(small_pair
 # --- models and search ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("preset,extra", [("tiny", {}), ("tiny", dict(prenorm=False, positions="learned")),
-                                          ("rnn-tiny", {}), ("rnn-tiny", dict(rnn_cell="lstm"))])
+                                          ("rnn-tiny", {}),
+                                          pytest.param("rnn-tiny", dict(rnn_cell="lstm"), marks=pytest.mark.slow)])
 def test_models_forward_backward_and_incremental_decoding(preset, extra):
     torch.manual_seed(0)
     model = build(model_config(preset, dropout=0.0, **extra), vocab=50)
