@@ -29,6 +29,7 @@ def smoke(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # whichever runs first runs the whole smoke study (module fixture): 3-6 min on 2 cores
 def test_the_smoke_study_runs_every_cell_and_reports_the_cells_own_numbers(smoke):
     out, r = smoke
     _, cells = load_study(SMOKE)
@@ -60,6 +61,7 @@ def test_the_smoke_study_runs_every_cell_and_reports_the_cells_own_numbers(smoke
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # whichever runs first runs the whole smoke study (module fixture): 3-6 min on 2 cores
 def test_a_second_run_skips_finished_cells(smoke, run_main):
     out, _ = smoke
     before = {p: os.path.getmtime(p) for p in out.glob("*/summary.json")}
@@ -70,6 +72,7 @@ def test_a_second_run_skips_finished_cells(smoke, run_main):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # whichever runs first runs the whole smoke study (module fixture): 3-6 min on 2 cores
 def test_report_works_from_a_copied_study_directory(smoke, tmp_path, run_main):
     out, _ = smoke
     copy = tmp_path / "copied"

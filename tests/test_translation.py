@@ -234,6 +234,7 @@ def test_short_end_to_end_run_and_translate(tmp_path, small_pairs, run_main):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # bf16 autocast is emulated on CPUs without it: 1-3 min on 2 cores, more when loaded
 def test_tiny_transformer_learns_under_bf16_autocast(tmp_path, small_pairs):
     from pyasgd.config import TrainConfig
     from pyasgd.trainer.launch import train

@@ -106,6 +106,11 @@ def _install_owner_handlers() -> None:
         # kernel dropped the owner's lock on the segment with its last file descriptor).
 
 
+def _from_handle(attr: str, doc: str) -> property:
+    """A read-only property read from the open segment's handle."""
+    return property(lambda self: getattr(self._handle(), attr), doc=doc)
+
+
 class SharedRegion:
     """One run's shared-memory segment. Create it in the launcher (the owner, which unlinks it on
     every exit path), attach to it by name in spawned processes."""
@@ -204,30 +209,12 @@ class SharedRegion:
             raise RuntimeError("the shared region is closed")
         return self._h
 
-    @property
-    def name(self) -> str:
-        return self._handle().name
-
-    @property
-    def path(self) -> str:
-        """The segment's file (in /dev/shm or PYASGD_SHM_DIR)."""
-        return self._handle().path
-
-    @property
-    def n(self) -> int:
-        return self._handle().n
-
-    @property
-    def slots(self) -> int:
-        return self._handle().slots
-
-    @property
-    def version(self) -> int:
-        return self._handle().version
-
-    @property
-    def reclaimed(self) -> int:
-        return self._handle().reclaimed
+    name = _from_handle("name", "The segment's name (pyasgd-<pid>-<random>).")
+    path = _from_handle("path", "The segment's file (in /dev/shm or PYASGD_SHM_DIR).")
+    n = _from_handle("n", "Parameters per buffer.")
+    slots = _from_handle("slots", "Gradient slots in the ring.")
+    version = _from_handle("version", "The published version (server updates published so far).")
+    reclaimed = _from_handle("reclaimed", "Slots taken back from pushers that died mid-push.")
 
     # -- parameters -----------------------------------------------------------------------------
 

@@ -57,19 +57,25 @@ class Mailbox:
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
 
+    def _transfer(self, op, buf: torch.Tensor, peer: int, tag: int, thread: str) -> bool:
+        """One gloo send or recv; a failure becomes an event (a lost peer, or this thread's own
+        error, with its traceback) and False."""
+        try:
+            op([buf], peer, tag).wait(FOREVER)
+            return True
+        except RuntimeError as e:
+            self.events.put(("lost", peer, _first_line(e)))
+        except Exception:
+            self.events.put(("thread_failed", thread, traceback.format_exc()))
+        return False
+
     def _send_loop(self, dst: int) -> None:
         while True:
             item = self._out[dst].get()
             if item is None:
                 return
             tag, buf = item
-            try:
-                self.pg.send([buf], dst, tag).wait(FOREVER)
-            except RuntimeError as e:
-                self.events.put(("lost", dst, _first_line(e)))
-                return
-            except Exception:
-                self.events.put(("thread_failed", f"send-{dst}", traceback.format_exc()))
+            if not self._transfer(self.pg.send, buf, dst, tag, f"send-{dst}"):
                 return
 
     def _receive_loop(self, src: int, tag: int) -> None:
@@ -77,13 +83,7 @@ class Mailbox:
         buf = torch.empty(size, dtype=torch.uint8)
         last = FIN_UPDATES if tag == DATA else FIN_CTRL
         while True:
-            try:
-                self.pg.recv([buf], src, tag).wait(FOREVER)
-            except RuntimeError as e:
-                self.events.put(("lost", src, _first_line(e)))
-                return
-            except Exception:
-                self.events.put(("thread_failed", f"receive-{src}", traceback.format_exc()))
+            if not self._transfer(self.pg.recv, buf, src, tag, f"receive-{src}"):
                 return
             header = buf[:HDR * 8].view(torch.int64).tolist()
             payload = None

@@ -40,10 +40,10 @@ class SyntheticTask(Task):
 
     def __init__(self, config) -> None:
         super().__init__(config)
-        c = config
-        g = torch.Generator().manual_seed(c.seed * 7919 + 1)
-        self.train_x = torch.randint(0, c.vocab, (c.train_size, c.seq_len), generator=g)
-        self.valid_x = torch.randint(0, c.vocab, (512, c.seq_len), generator=g)
+        # (train_size, seq_len) and (512, seq_len) token ids, from the run's seed
+        g = torch.Generator().manual_seed(config.seed * 7919 + 1)
+        self.train_x = torch.randint(0, config.vocab, (config.train_size, config.seq_len), generator=g)
+        self.valid_x = torch.randint(0, config.vocab, (512, config.seq_len), generator=g)
         self._jitter = random.Random(os.getpid())
 
     def build_model(self) -> nn.Module:
