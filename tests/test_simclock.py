@@ -133,3 +133,25 @@ def test_max_epochs_counts_fractions_of_a_pass(tmp_path, max_epochs, updates):
     assert s["stopped_because"] == "max_epochs"
     assert s["updates"] == updates
     assert s["epochs"] == pytest.approx(max_epochs)
+
+
+def test_a_resume_from_an_older_checkpoint_drops_the_lost_records_and_keeps_the_summary(tmp_path):
+    """A run killed after its last checkpoint logged updates (and validations) that the resume
+    computes again: metrics.jsonl must hold each once, and the summary (staleness histogram, best
+    validation, updates) must be the uninterrupted run's, pre-checkpoint records included."""
+    import shutil
+
+    kw = dict(mode="async", global_accum=2, sim_order="normal", valid_every=10, save_every=10)
+    a = train(cfg(tmp_path, "a", max_updates=60, **kw))
+    train(cfg(tmp_path, "c", max_updates=30, **kw))
+    shutil.copy(tmp_path / "c" / "checkpoint.pt", tmp_path / "at30.pt")
+    train(cfg(tmp_path, "c", max_updates=45, resume=str(tmp_path / "c"), **kw))  # logs 31..45, then is "lost"
+    shutil.copy(tmp_path / "at30.pt", tmp_path / "c" / "checkpoint.pt")
+    c = train(cfg(tmp_path, "c", max_updates=60, resume=str(tmp_path / "c"), **kw))
+    ua, uc = (records(str(tmp_path / d), "update") for d in "ac")
+    assert [r["update"] for r in uc] == list(range(1, 61))
+    assert [(r["vtime"], r["staleness"], r["loss"]) for r in ua] == [(r["vtime"], r["staleness"], r["loss"]) for r in uc]
+    va, vc = (records(str(tmp_path / d), "valid") for d in "ac")
+    assert [(v["update"], v["loss"]) for v in va] == [(v["update"], v["loss"]) for v in vc]
+    for key in ("updates", "staleness_hist", "avg_staleness", "best_valid", "best_valid_update", "tokens"):
+        assert c[key] == a[key], key

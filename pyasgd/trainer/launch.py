@@ -316,6 +316,7 @@ def load_resume(ckpt_path: str, flat: FlatModel, log: RunLog) -> dict:
     resume = checkpoint.load(ckpt_path)
     flat.params.copy_(resume["view"] if "view" in resume else resume["server"]["params"])
     log.updates = int(resume["server"]["step"])
+    log.resume_from(log.updates)
     log.restore(resume.get("progress"), clocks=False)
     return resume
 

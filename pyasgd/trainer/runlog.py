@@ -69,6 +69,9 @@ class RunLog:
 
     def on_update(self, r: dict[str, Any]) -> None:
         self.write(r)
+        self._count_update(r)
+
+    def _count_update(self, r: dict[str, Any]) -> None:
         self.staleness.update(r["staleness"])
         self.tokens += r["tokens"]
         self.dropped += r.get("dropped", 0)
@@ -126,6 +129,10 @@ class RunLog:
         rec = {"kind": "valid", "update": update, **at, **metrics}
         self.write(rec)
         self._f.flush()  # a validation is worth seeing at once (tail -f, a study's progress)
+        return self._count_valid(rec)
+
+    def _count_valid(self, rec: dict[str, Any]) -> bool:
+        update, metrics = rec["update"], rec
         self.valid.append(rec)
         score = metrics[self.task.primary]
         clock = rec["vtime"] if self.time_kind == "virtual" else rec["time"]
@@ -152,6 +159,42 @@ class RunLog:
         """What a checkpoint keeps so a resumed run's counters and clocks go on."""
         return {"tokens": self.tokens, "gradients": self.gradients, "vtime": self.vtime,
                 "elapsed": self.elapsed, "valid_s": self.valid_s}
+
+    def resume_from(self, update: int) -> None:
+        """Continue the log of a run resumed from a checkpoint of `update`: metrics.jsonl keeps the
+        records up to it, replayed into this log (staleness histogram, validations, best, patience,
+        BLEU targets: as an uninterrupted run has them), and loses those of the part of the run the
+        checkpoint did not keep (each resume computes those updates again; an earlier resume's
+        duplicates are removed too)."""
+        path = os.path.join(self.run_dir, rundir.METRICS)
+        self._f.close()
+        kept: list[dict[str, Any]] = []
+        last = 0  # the last applied update kept
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short when the process was killed
+                u = r.get("update") if r.get("kind") in ("update", "valid") else None
+                if u is not None and u > update:
+                    continue
+                if r.get("kind") == "update" and r.get("applied", True):
+                    if u <= last:  # a resume began again at u: what followed u - 1 before it was lost
+                        kept = [k for k in kept if k.get("kind") not in ("update", "valid") or k["update"] < u]
+                    last = u
+                kept.append(r)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in kept:
+                f.write(json.dumps(r, separators=(",", ":")) + "\n")
+        os.replace(tmp, path)
+        self._f = open(path, "a", encoding="utf-8")
+        for r in kept:
+            if r.get("kind") == "update":
+                self._count_update(r)
+            elif r.get("kind") == "valid":
+                self._count_valid(r)
 
     def restore(self, progress: dict[str, Any] | None, *, clocks: bool) -> None:
         """Continue from a checkpoint's progress(); with clocks, the wall clock goes on too."""

@@ -97,6 +97,7 @@ class Simulation:
         self.order.set_state(sim["order_rng"])
         torch.set_rng_state(sim["torch_rng"])
         self.log.updates = self.up.step
+        self.log.resume_from(self.up.step)
         self.log.restore(sim.get("log"), clocks=True)
 
     # -- the virtual workers and their clock ------------------------------------------------------
