@@ -16,6 +16,7 @@ import torch
 
 from pyasgd.config import TrainConfig
 from pyasgd.nodes.rendezvous import connect_store
+from pyasgd.trainer.stops import StopRequest
 
 # A node's vote in each round's all-reduce: go on, stop (its launcher ends the run: max time,
 # Ctrl-C, patience...), or fail (its run failed; the others fail too, naming it).
@@ -33,6 +34,14 @@ class NodeEnded:
 
     def record(self) -> dict:
         return {"ended_by": {"node": self.node, "failed": self.failed}}
+
+
+def vote_of(server) -> float:
+    """A server's vote (a pyasgd.trainer.server.Server): GO, or STOP/FAIL as its launcher asked."""
+    asked = server.stop_asked()
+    if asked == StopRequest.NONE:
+        return GO
+    return FAIL if asked == StopRequest.FAIL else STOP
 
 
 class NodeLostError(RuntimeError):

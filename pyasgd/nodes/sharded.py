@@ -32,11 +32,11 @@ import traceback
 
 import torch
 
-from pyasgd.nodes.allreduce import FAIL, STOP, NodeEnded, NodeGroup, NodeLostError
+from pyasgd.nodes.allreduce import FAIL, GO, STOP, NodeEnded, NodeGroup, NodeLostError, vote_of
 from pyasgd.nodes.mailbox import (ACK, CTRL, DATA, FIN_CTRL, FIN_GRADS, FIN_UPDATES, GRAD, STOP_MSG, UPDATE,
                                   Mailbox)
 from pyasgd.trainer.server import Server
-from pyasgd.trainer.stops import StopReason, StopRequest
+from pyasgd.trainer.stops import StopReason
 from pyasgd.trainer.update import Applied, UpdateResult
 
 
@@ -176,13 +176,13 @@ class ShardServer:
         stop_deadline = None
         while True:
             if not self.stopping:
+                vote = vote_of(self.server)
                 if parent_gone():
                     self.group.note("failed", f"its launcher died; its server saved the node's checkpoint "
                                               f"(shard {self.R} at update {self.up.step})")
-                    self._begin_stop(FAIL, initiator=True)
-                elif self.server.stop_asked() != StopRequest.NONE:
-                    failed = self.server.stop_asked() == StopRequest.FAIL
-                    self._begin_stop(FAIL if failed else STOP, initiator=True)
+                    vote = FAIL
+                if vote != GO:
+                    self._begin_stop(vote, initiator=True)
             if self.stopping:
                 stop_deadline = stop_deadline or time.monotonic() + c.timeout
                 if self._finished():

@@ -4,24 +4,15 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 
 import torch
 
-from pyasgd.nodes.allreduce import FAIL, GO, STOP, NodeEnded, NodeGroup, NodeLostError
+from pyasgd.nodes.allreduce import FAIL, GO, STOP, NodeEnded, NodeGroup, NodeLostError, vote_of
 from pyasgd.trainer.proc import parent_gone
 from pyasgd.trainer.server import Server, collect_one
-from pyasgd.trainer.stops import StopReason, StopRequest
+from pyasgd.trainer.stops import StopReason
 from pyasgd.trainer.update import Applied, weighted_sum
-
-
-def vote_of(server: Server) -> float:
-    """This node's vote in the next round: GO, or STOP/FAIL as its launcher asked."""
-    asked = server.stop_asked()
-    if asked == StopRequest.NONE:
-        return GO
-    return FAIL if asked == StopRequest.FAIL else STOP
 
 
 def serve_sync_nodes(server: Server) -> tuple[object, dict]:
@@ -95,18 +86,8 @@ def serve_sync_nodes(server: Server) -> tuple[object, dict]:
         # A lost node, or this server's own failure (no gradients for --timeout, ...): the last
         # update every node applied is saved, so the pair resumes from here (the launcher tells
         # the other nodes why this one stopped).
-        save_after(server, e)
+        server.save_after(e)
         raise
-
-
-def save_after(server: Server, error: BaseException) -> None:
-    """The checkpoint after a failure across nodes; a save that fails too (a broken CUDA context,
-    a full disk) must not hide the error that stopped the server."""
-    try:
-        server.save()
-    except Exception as e2:  # the caller re-raises the original error
-        first = (str(error).splitlines() or [type(error).__name__])[0]
-        print(f"pyasgd-server: saving the checkpoint after '{first}' failed too: {e2}", file=sys.stderr)
 
 
 def bytes_written() -> int | None:

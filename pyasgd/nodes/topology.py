@@ -102,7 +102,6 @@ class ShardedNodes(Nodes):
     def serve(self, server) -> tuple[Any, dict[str, Any]]:
         from pyasgd.nodes.allreduce import NodeGroup
         from pyasgd.nodes.sharded import ShardServer, shard_bounds
-        from pyasgd.nodes.sync_server import save_after
 
         group = NodeGroup(self.config)
         shards = ShardServer(server, group, shard_bounds(server.region.n, self.config.nnodes))
@@ -111,7 +110,7 @@ class ShardedNodes(Nodes):
         try:
             reason = shards.run()
         except Exception as e:
-            save_after(server, e)  # this shard as it stands: the pair resumes from the shards' checkpoints
+            server.save_after(e)  # this shard as it stands: the pair resumes from the shards' checkpoints
             raise
         return reason, {"shard": server.counts, **_ended_by(reason)}
 

@@ -139,7 +139,8 @@ class Supervisor:
             self.region.close()
             wall = (train_end or time.monotonic()) - self.start
             if stopped_because:
-                summary = finish_run(self, stopped_because, wall, {**self.server_extra, **extra})
+                summary = finish_run(log, self.run_dir, self.topology, self.failure, stopped_because, wall,
+                                     {**self.server_extra, **extra})
             log.close()
         if self.failure:
             raise TrainingError(self.failure)
@@ -330,13 +331,14 @@ def server_died(how: str, ckpt_path: str, last_checkpoint: int | None, run_dir: 
             f"replaced: {where}. Continue with: pyasgd-train --resume {run_dir}")
 
 
-def finish_run(sup: Supervisor, stopped_because: str, wall: float, extra: dict) -> dict[str, Any]:
+def finish_run(log: RunLog, run_dir: str, topology, failure: str, stopped_because: str, wall: float,
+               extra: dict) -> dict[str, Any]:
     """Write the run's summary (across nodes, node 0's is the global one) and return it."""
-    because = f"failed: {sup.failure.splitlines()[0]}" if sup.failure else str(stopped_because)
-    summary = finish(sup.log, sup.run_dir, stopped_because=because, wall_s=wall, extra=extra)
-    summary, is_global = sup.topology.gather(summary, failed=bool(sup.failure))
+    because = f"failed: {failure.splitlines()[0]}" if failure else str(stopped_because)
+    summary = finish(log, run_dir, stopped_because=because, wall_s=wall, extra=extra)
+    summary, is_global = topology.gather(summary, failed=bool(failure))
     if is_global:
-        rundir.write_json(os.path.join(sup.run_dir, rundir.SUMMARY), summary)
+        rundir.write_json(os.path.join(run_dir, rundir.SUMMARY), summary)
     return summary
 
 

@@ -132,6 +132,7 @@ class RunLog:
         return self._count_valid(rec)
 
     def _count_valid(self, rec: dict[str, Any]) -> bool:
+        """Account for a validation record (its metrics are among its fields)."""
         update, metrics = rec["update"], rec
         self.valid.append(rec)
         score = metrics[self.task.primary]

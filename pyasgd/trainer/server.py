@@ -4,6 +4,7 @@ across nodes: pyasgd/nodes/), then write the last checkpoint and say why it stop
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,15 @@ class Server:
         checkpoint.save_atomic(state, self.args.checkpoint_path)
         self.args.queue.put({"kind": "checkpoint", "update": self.up.step, "path": self.args.checkpoint_path})
 
+    def save_after(self, error: BaseException) -> None:
+        """The checkpoint after a failure across nodes; a save that fails too (a broken CUDA context,
+        a full disk) must not hide the error that stopped the server (the caller re-raises it)."""
+        try:
+            self.save()
+        except Exception as e2:
+            first = (str(error).splitlines() or [type(error).__name__])[0]
+            print(f"pyasgd-server: saving the checkpoint after '{first}' failed too: {e2}", file=sys.stderr)
+
     def pulled(self) -> torch.Tensor:
         """A consistent copy of the whole published vector."""
         t = torch.empty(self.region.n)
@@ -119,8 +129,7 @@ def _serve(args: ServerArgs) -> None:
         progress.update(server.resumed.get("progress") or {})
         positions = list(args.cursors[:]) if args.cursors is not None else [0] * config.workers
         server.book = UpdateBook(config, up, sink=args.queue.put, save=server.save, t0=time.monotonic(),
-                                 positions=positions, progress=progress, fault_at=testing.server_fault_step(),
-                                 fault=testing.server_fault_error)
+                                 positions=positions, progress=progress, fault_at=testing.server_fault_step())
         reason, extra = topology.serve(server)
         server.save()
         args.queue.put({"kind": "server_done", "reason": str(reason), "update": up.step, "dropped": up.dropped,

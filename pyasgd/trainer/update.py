@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from pyasgd import testing
 from pyasgd.config import TrainConfig
 from pyasgd.core.fused import fused_adam_step
 from pyasgd.trainer.schedule import learning_rate
@@ -205,11 +206,11 @@ class UpdateBook:
 
     def __init__(self, config: TrainConfig, up: Updater, *, sink: Callable[[dict], None], save: Callable[[], None],
                  t0: float, positions: list[int] | None = None, progress: dict | None = None,
-                 fault_at: int | None = None, fault: Callable[[int], Exception] | None = None) -> None:
+                 fault_at: int | None = None) -> None:
         self.config, self.up, self.sink, self.save, self.t0 = config, up, sink, save, t0
         self.positions = positions
         self.progress = progress if progress is not None else {"tokens": 0, "gradients": 0}
-        self.fault_at, self.fault = fault_at, fault
+        self.fault_at = fault_at
 
     def after_update(self, res: UpdateResult, version: int, used: Applied, extra: dict | None = None) -> str:
         """Account for one update; returns "max_updates" when the run must stop, else ""."""
@@ -225,6 +226,6 @@ class UpdateBook:
         self.sink({**record, **(extra or {})})
         if res.applied and c.save_every and up.step % c.save_every == 0:
             self.save()
-        if res.applied and self.fault_at is not None and up.step == self.fault_at and self.fault is not None:
-            raise self.fault(up.step)
+        if res.applied and up.step == self.fault_at:
+            raise testing.server_fault_error(up.step)
         return "max_updates" if c.max_updates and up.step >= c.max_updates else ""
