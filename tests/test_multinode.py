@@ -503,3 +503,42 @@ def test_a_sync_resume_takes_the_state_of_the_node_ahead(tmp_path):
     assert [s["step"] for s in after] == [8, 8]
     assert torch.equal(after[0]["params"], after[1]["params"])
     assert torch.equal(after[0]["exp_avg"], after[1]["exp_avg"])
+
+
+# --- staleness compensation across nodes ------------------------------------------------------------
+
+def test_prediction_and_averaging_are_refused_for_the_sharded_server():
+    for kw in (dict(predict="auto"), dict(ema=0.99)):
+        with pytest.raises(ConfigError, match="one node or --mode sync") as e:
+            base(mode="async", nnodes=2, master_port=29500, **kw)
+        assert "\n" not in str(e.value)
+    base(mode="async", nnodes=2, master_port=29500, stale_policy="dc-adaptive:1")  # dc works shard by shard
+    base(mode="sync", nnodes=2, master_port=29500, ema=0.99, predict="auto")
+
+
+@pytest.mark.slow
+def test_sync_across_nodes_with_averaging_validates_the_average(tmp_path):
+    _, procs = start_nodes(tmp_path, "--max-updates", 8, "--timeout", "60", "--ema", "0.9")
+    for code, out, err in finish(procs):
+        assert code == 0, err
+    got = [checkpoint.load(str(tmp_path / f"run{r}" / "checkpoint.pt"))["server"] for r in (0, 1)]
+    assert torch.equal(got[0]["ema"], got[1]["ema"]) and not torch.equal(got[0]["ema"], got[0]["params"])
+    best = checkpoint.load(str(tmp_path / "run0" / "best.pt"))["params"]
+    assert torch.equal(best, got[0]["ema"])  # node 0 validated the average, not the published parameters
+
+
+@pytest.mark.slow
+def test_async_across_nodes_with_delay_compensation_conserves_every_gradient(tmp_path):
+    _, procs = start_nodes(tmp_path, "--mode", "async", "--global-accum", "4", "--max-updates", "40",
+                           "--compute-delay", "0.02", "--lr", "2e-3", "--warmup", "10", "--timeout", "60",
+                           "--stale-policy", "dc-adaptive:1")
+    for code, out, err in finish(procs):
+        assert code == 0, err
+    summary = read_json(tmp_path / "run0" / "summary.json")
+    check_conservation(summary)
+    for r in (0, 1):
+        ups = [json.loads(x) for x in (tmp_path / f"run{r}" / "metrics.jsonl").read_text().splitlines()
+               if '"kind":"update"' in x.replace(" ", "")]
+        assert ups and all("uncorrected" in u for u in ups)
+        stale = sum(s for u in ups for s in u["staleness"])
+        assert stale > 0  # there was something to correct

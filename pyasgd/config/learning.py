@@ -8,6 +8,7 @@ from typing import ClassVar
 
 from pyasgd.config.base import (FIXED, MODES, POSITIONS, RNN_CELLS, SCHEDULES, TASKS, check_choice, check_types,
                                 need, preset_names)
+from pyasgd.config.policy import parse_policy, parse_predict
 from pyasgd.errors import ConfigError
 
 
@@ -32,9 +33,20 @@ class MethodConfig:
     """U, a worker pulls parameters only every U server updates (injected staleness)."""
     stale_policy: str = "none"
     """none; scale (weight each gradient by 1/max(1, staleness)); drop:T (discard gradients
-    staler than T)."""
+    staler than T); dc:L (delay compensation, DC-ASGD: g + L*g*g*(w_now - w_pulled)); dc-adaptive:L
+    (L divided per element by the root of Adam's second moment); momentum (lower Adam's beta1 by
+    the measured staleness). See docs/compensation.md."""
+    predict: str = "0"
+    """weight prediction: the server publishes w + S*dw (dw its last update), so gradients are
+    computed near where they are applied; auto: S = the expected staleness (N-1)/G; 0 = off. The
+    master stays exact: validation, checkpoints and the test use it."""
+    ema: float = 0.0
+    """exponential smoothing: keep an average of the parameters with this decay (e.g. 0.99), used for
+    validation, the best checkpoint and the test; 0 = off."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.predict, (int, float)) and not isinstance(self.predict, bool):
+            self.predict = f"{self.predict:g}"  # predict = 0.75 in a TOML file
         check_types(self)
         check_choice(self, "mode")
         need(self.workers >= 1, "workers", f"need at least 1 worker, got {self.workers}")
@@ -42,21 +54,17 @@ class MethodConfig:
              f"must be >= 1, got {self.global_accum}")
         need(self.local_accum >= 1, "local_accum", f"must be >= 1, got {self.local_accum}")
         need(self.pull_every >= 1, "pull_every", f"must be >= 1, got {self.pull_every}")
-        self.stale_drop()  # the policy's syntax
+        for check in (lambda: parse_policy(self.stale_policy), lambda: parse_predict(self.predict)):
+            try:
+                check()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        need(0 <= self.ema < 1, "ema", f"must be in [0, 1) (0 turns smoothing off), got {self.ema}")
 
     def stale_drop(self) -> int | None:
-        """T of drop:T, else None (and raises ConfigError on a malformed policy)."""
-        p = self.stale_policy
-        if p in ("none", "scale"):
-            return None
-        if p.startswith("drop:"):
-            try:
-                t = int(p[5:])
-            except ValueError:
-                t = -1
-            if t >= 0:
-                return t
-        raise ConfigError(f"--stale-policy: must be none, scale or drop:T with an integer T >= 0, got {p!r}")
+        """T of drop:T, else None."""
+        kind, arg = parse_policy(self.stale_policy)
+        return arg if kind == "drop" else None
 
 
 @dataclass(kw_only=True)

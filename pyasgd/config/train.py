@@ -89,6 +89,9 @@ class TrainConfig:
             need(not (self.mode == "async" and self.clip_norm > 0), "clip_norm",
                  "the sharded server across nodes cannot clip the global norm (each node holds one shard of the "
                  "gradient); drop --clip-norm or use --mode sync")
+            need(not (self.mode == "async" and self.eval_copy), "predict" if self.predict_s() > 0 else "ema",
+                 "the sharded server across nodes publishes shards, and node 0 validates what is published: "
+                 "--predict and --ema need one node or --mode sync across nodes")
         if self.mode == "sync" and self.global_accum is not None:
             need(self.global_accum == self.total_workers, "global_accum",
                  f"sync mode sums exactly one gradient per worker (G = M x N = {self.total_workers}); "
@@ -130,6 +133,20 @@ class TrainConfig:
     def stale_drop(self) -> int | None:
         """T of drop:T, else None."""
         return self.method.stale_drop()
+
+    def predict_s(self) -> float:
+        """S of --predict (auto: the expected staleness (N-1)/G, 0 in sync); 0 = off."""
+        from pyasgd.config.policy import parse_predict
+
+        s = parse_predict(self.predict)
+        if s is None:
+            return 0.0 if self.mode == "sync" else (self.total_workers - 1) / self.G
+        return s
+
+    @property
+    def eval_copy(self) -> bool:
+        """Validation evaluates parameters other than the published ones (--predict, --ema)."""
+        return self.predict_s() > 0 or self.ema > 0
 
     def slowdowns(self) -> dict[int, float]:
         """{rank: factor} of --worker-slowdown."""

@@ -34,7 +34,7 @@ from pyasgd.core import ext as _ext
 from pyasgd.core.flat import check_flat
 
 __all__ = ["SharedRegion", "GradientBatch", "RegionTimeoutError", "RegionClosedError", "RegionSpaceError",
-           "default_slots"]
+           "default_slots", "publish_slice"]
 
 _C = _ext.ext()
 RegionTimeoutError = _C.RegionTimeoutError
@@ -363,3 +363,17 @@ def _push_cuda(region: SharedRegion, grad: torch.Tensor, worker: int, version: i
         h.abandon(slot)
         raise
     return h.commit(slot, version, tokens, loss, bound if math.isfinite(bound) else math.inf, position)
+
+
+def publish_slice(region, lo: int, hi: int, write) -> None:
+    """Publish a new region version that differs from the current one in [lo, hi) only:
+    `write(front_slice, back_slice)` writes that part and says whether to publish."""
+    front = region.front()
+    back = region.begin_update()
+    publish = False
+    try:
+        back[:lo].copy_(front[:lo])
+        back[hi:].copy_(front[hi:])
+        publish = write(front[lo:hi], back[lo:hi])
+    finally:
+        region.end_update(None, publish=publish)

@@ -32,6 +32,7 @@ import traceback
 
 import torch
 
+from pyasgd.core.region import publish_slice
 from pyasgd.nodes.allreduce import FAIL, GO, STOP, NodeEnded, NodeGroup, NodeLostError, vote_of
 from pyasgd.nodes.mailbox import (ACK, CTRL, DATA, FIN_CTRL, FIN_GRADS, FIN_UPDATES, GRAD, STOP_MSG, UPDATE,
                                   Mailbox)
@@ -80,20 +81,6 @@ class ShardVersions:
         if len(self.at) > 100_000:  # versions no worker still computes from
             for v in sorted(self.at)[:50_000]:
                 del self.at[v]
-
-
-def publish_slice(region, lo: int, hi: int, write) -> None:
-    """Publish a new region version that differs from the current one in [lo, hi) only:
-    `write(front_slice, back_slice)` writes that part and says whether to publish."""
-    front = region.front()
-    back = region.begin_update()
-    publish = False
-    try:
-        back[:lo].copy_(front[:lo])
-        back[hi:].copy_(front[hi:])
-        publish = write(front[lo:hi], back[lo:hi])
-    finally:
-        region.end_update(None, publish=publish)
 
 
 class PieceIds:

@@ -77,6 +77,7 @@ class Supervisor:
                                             self.queue)
         self.procs: list = []  # the server first, then the workers
         self.region = None
+        self.eval_region = None  # --predict / --ema: the server publishes what validation evaluates here
         self.ready = 0             # workers (and, where it reports, the server) that reported ready
         self.server_extra: dict = {}  # summary fields the server reports at its end
         self.server_done = False   # the server wrote its last checkpoint
@@ -104,7 +105,12 @@ class Supervisor:
         if threading.current_thread() is threading.main_thread():  # SIGTERM stops the run as Ctrl-C does
             previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
+            if c.eval_copy:  # slots=1: it carries no gradients; the server publishes, the launcher pulls
+                self.eval_region = SharedRegion.create(flat.n, 1, pin=self.eval_device.type == "cuda")
+            evaluated = self.eval_region or self.region
             self.region.publish(flat.params)
+            if self.eval_region is not None:
+                self.eval_region.publish(flat.params)  # the server publishes the average of a resumed run
             self._spawn(resume)
             schedule = ValidationSchedule(c, log.updates, log.tokens)
             if c.valid_process and schedule.every:
@@ -116,13 +122,13 @@ class Supervisor:
                     pbar.set_postfix(log.postfix(), refresh=False)
                 if stopped_because:
                     break
-                stopped_because = self.validation.serve(schedule.due(log.updates, log.tokens), self.region)
+                stopped_because = self.validation.serve(schedule.due(log.updates, log.tokens), evaluated)
                 stopped_because = self._check_health() or stopped_because
             self._stop(stopped_because)
             train_end = time.monotonic()  # wall_s and wps count training, not the final decoding
             torch.set_num_threads(os.cpu_count() or 1)  # the workers are gone: all cores
             if not self.failure:
-                validate_last(task, flat, log, self.run_dir, log.updates, self.region.pull(flat.params))
+                validate_last(task, flat, log, self.run_dir, log.updates, evaluated.pull(flat.params))
                 extra = final_test(task, flat, self.run_dir)
         except (KeyboardInterrupt, Terminated) as e:
             stopped_because = StopReason.TERMINATED if isinstance(e, Terminated) else StopReason.INTERRUPTED
@@ -137,6 +143,8 @@ class Supervisor:
                 pbar.close()
             self._reap()
             self.region.close()
+            if self.eval_region is not None:
+                self.eval_region.close()
             wall = (train_end or time.monotonic()) - self.start
             if stopped_because:
                 summary = finish_run(log, self.run_dir, self.topology, self.failure, stopped_because, wall,
@@ -158,7 +166,8 @@ class Supervisor:
                            stop=self.stop, queue=self.queue)
         self.procs.append(ctx.Process(target=server_main, name="server", daemon=True, args=(ServerArgs(
             checkpoint_path=self.ckpt_path, resume_state=self.ckpt_path if resume is not None else "",
-            stop_request=self.stop_request, **self.common),)))
+            stop_request=self.stop_request, eval_region=self.eval_region.name if self.eval_region else "",
+            **self.common),)))
         self.procs[0].start()
         for rank in range(c.workers):
             self.procs.append(start_worker(self.ctx, rank, go=self.go, **self.common))

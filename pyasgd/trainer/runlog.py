@@ -39,6 +39,7 @@ class RunLog:
         self.epoch_tokens = task.epoch_tokens()
         self.recent_loss: list[float] = []
         self.dropped = 0
+        self.compensation: dict[str, Any] = {}  # the last update's dc and momentum state
         self.valid: list[dict[str, Any]] = []
         self.best: float | None = None
         self.best_update = 0
@@ -80,6 +81,9 @@ class RunLog:
             self.gradients += len(r["staleness"]) - r.get("dropped", 0)
         if r.get("vtime") is not None:
             self.vtime = r["vtime"]
+        for key in ("uncorrected", "beta1"):  # compensation's state after this update
+            if key in r:
+                self.compensation[key] = r[key]
         self.recent_loss = (self.recent_loss + [r["loss"]])[-50:]
 
     def on_progress(self, r: dict[str, Any]) -> None:
@@ -239,7 +243,9 @@ class RunLog:
         compute = sum(w.get("compute_s", 0.0) for w in every)
         s = {
             "mode": c.mode, "workers": c.workers, "local_accum": c.local_accum, "global_accum": c.G,
-            "pull_every": c.pull_every, "stale_policy": c.stale_policy, "task": c.task,
+            "pull_every": c.pull_every, "stale_policy": c.stale_policy, "predict": c.predict,
+            "ema": c.ema, "uncorrected_gradients": self.compensation.get("uncorrected"),
+            "final_beta1": self.compensation.get("beta1"), "task": c.task,
             "simulate": c.simulate, "updates": self.updates, "tokens": self.tokens, "gradients": self.gradients,
             "epochs": self.epochs(), "time_kind": self.time_kind, "valid_s": round(self.valid_s, 3),
             "virtual_time_s": round(self.vtime, 3) if self.vtime is not None else None,

@@ -30,6 +30,7 @@ class ServerArgs:
     stop: object = None          # mp.Event
     queue: object = None         # mp.Queue of records to the launcher
     stop_request: object = None  # mp.Value holding a StopRequest: why the launcher set `stop`
+    eval_region: str = ""        # with --predict or --ema: where the evaluated parameters are published
 
 
 def server_main(args: ServerArgs) -> None:
@@ -53,6 +54,7 @@ class Server:
     book: UpdateBook = field(init=False)
     counts: dict = field(default_factory=dict)
     resumed: dict = field(default_factory=dict)
+    eval_region: Any = None       # --predict / --ema: the launcher validates what is published here
 
     @property
     def config(self) -> TrainConfig:
@@ -88,6 +90,21 @@ class Server:
             first = (str(error).splitlines() or [type(error).__name__])[0]
             print(f"pyasgd-server: saving the checkpoint after '{first}' failed too: {e2}", file=sys.stderr)
 
+    def publish_eval(self) -> None:
+        """Publish what validation evaluates (the master, or its average) into the eval region:
+        with --predict the workers' region holds extrapolated parameters, with --ema not the average."""
+        if self.eval_region is None:
+            return
+        from pyasgd.core.region import publish_slice
+
+        params = self.up.eval_params(self.current())
+
+        def write(front, back):
+            back.copy_(params)
+            return True
+
+        publish_slice(self.eval_region, self.lo, self.hi, write)
+
     def pulled(self) -> torch.Tensor:
         """A consistent copy of the whole published vector."""
         t = torch.empty(self.region.n)
@@ -104,11 +121,12 @@ def _serve(args: ServerArgs) -> None:
     _ext.set_cpu_threads(1 if config.workers >= (os.cpu_count() or 1) else 2)
     torch.set_num_threads(1)
     region = SharedRegion.attach(args.region, pin=config.server_device.startswith("cuda"))
-    segment = region.path
+    segment, server = region.path, None
     try:
         # A CPU server's parameters are the published ones (the front buffer, read in place); a
-        # CUDA server keeps a master copy on its GPU, starting from what the launcher published.
-        in_region = config.server_device == "cpu"
+        # CUDA server keeps a master copy on its GPU, starting from what the launcher published,
+        # and so does a server that publishes predicted parameters (--predict).
+        in_region = config.server_device == "cpu" and config.predict_s() == 0
         lo, hi = topology.shard(region.n)
         if in_region:
             up = Updater(config, region.front()[lo:hi], keep_master=False)
@@ -117,31 +135,40 @@ def _serve(args: ServerArgs) -> None:
             region.pull(init)
             up = Updater(config, init[lo:hi], config.server_device)
         server = Server(args, region, up, lo, hi, in_region)
+        if args.eval_region:
+            server.eval_region = SharedRegion.attach(args.eval_region)
         if args.resume_state:
             from pyasgd.core import checkpoint
 
             server.resumed = checkpoint.load(args.resume_state)
             topology.check_resume(server.resumed)
             up.load_state_dict(server.resumed["server"], current=server.current())
+        server.publish_eval()
         # The run's progress counters, kept in the checkpoint so a resumed run's token-scheduled
         # validations and epochs go on (the launcher's RunLog counts the same from the records).
         progress = {"tokens": 0, "gradients": 0, "vtime": None, "elapsed": 0.0, "valid_s": 0.0}
         progress.update(server.resumed.get("progress") or {})
         positions = list(args.cursors[:]) if args.cursors is not None else [0] * config.workers
         server.book = UpdateBook(config, up, sink=args.queue.put, save=server.save, t0=time.monotonic(),
-                                 positions=positions, progress=progress, fault_at=testing.server_fault_step())
+                                 positions=positions, progress=progress, fault_at=testing.server_fault_step(),
+                                 on_publish=server.publish_eval)
         reason, extra = topology.serve(server)
         server.save()
         args.queue.put({"kind": "server_done", "reason": str(reason), "update": up.step, "dropped": up.dropped,
                         "skipped": up.skipped, **extra})
     finally:
+        segments = [segment]
         region.close()
+        if server is not None and server.eval_region is not None:
+            segments.append(server.eval_region.path)
+            server.eval_region.close()
         if parent_gone():
             args.queue.cancel_join_thread()  # nobody reads the queue any more: do not wait to flush it
-            try:  # its owner is dead: remove the segment now (attached processes keep their mapping)
-                os.unlink(segment)
-            except FileNotFoundError:
-                pass
+            for path in segments:
+                try:  # its owner is dead: remove the segment now (attached processes keep their mapping)
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
 
 def collect_one(server: Server, idle_since: float):

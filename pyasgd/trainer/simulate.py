@@ -144,7 +144,7 @@ class Simulation:
             w.pulled = self.version
 
     def validate(self) -> None:
-        self.flat.params.copy_(self.published)
+        self.flat.params.copy_(self.up.eval_params())  # the master or its average, not a prediction
         validate(self.task, self.flat, self.log, self.run_dir, self.up.step, self.version)
 
     # -- the loop -------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ class Simulation:
                 stopped_because = stopped_because or StopReason.MAX_TIME
         self.save()
         wall = log.elapsed
-        self.flat.params.copy_(self.published)
+        self.flat.params.copy_(self.up.eval_params())
         validate_last(self.task, self.flat, log, self.run_dir, up.step, self.version)
         return finish(log, self.run_dir, stopped_because=stopped_because, wall_s=wall,
                       extra=final_test(self.task, self.flat, self.run_dir))

@@ -20,6 +20,7 @@ import torch
 from pyasgd import testing
 from pyasgd.config import TrainConfig
 from pyasgd.core.fused import fused_adam_step
+from pyasgd.trainer.compensate import History, compensation_for, delay_compensate, ema_decay, momentum_beta1
 from pyasgd.trainer.schedule import learning_rate
 
 
@@ -78,6 +79,19 @@ class Updater:
         self.dropped = 0       # gradients discarded by drop:T
         self.skipped = 0       # updates skipped for a non-finite gradient
         self._sum = None       # workspace for clipping
+        # Staleness compensation (pyasgd/trainer/compensate.py), parsed once.
+        comp = self.comp = compensation_for(config)
+        if comp.predict and self.master is None:
+            raise ValueError("weight prediction publishes parameters other than the master: keep_master=True")
+        n = params.numel()
+        self.history = History(comp.keep, n, self.device, with_current=comp.predict > 0) if comp.dc else None
+        if self.history is not None and self.history.with_current:
+            self.history.push(params)  # the first published version
+        self.ema = params.detach().to(self.device, dtype=torch.float32, copy=True) if comp.ema else None
+        self._old = torch.empty(n, device=self.device) if comp.predict else None  # the master before an update
+        self.uncorrected = 0   # dc: gradients older than the kept versions, applied uncorrected
+        self.mean_staleness: float | None = None  # momentum: the running mean the rule reads
+        self.beta1 = config.beta1  # what the last update used (momentum lowers it)
 
     def lr(self, update: int) -> float:
         c = self.config
@@ -96,7 +110,10 @@ class Updater:
         if self.master is None and (current is None or out is None):
             raise ValueError("this Updater keeps no master copy: pass current= (the published parameters) "
                              "and out= (the buffer that receives the new ones)")
+        if self.comp.predict and out is None:
+            raise ValueError("weight prediction publishes extrapolated parameters: pass out=")
         params = self.master if self.master is not None else current
+        mark = self.history.mark() if self.history is not None else None
         res = self._apply(grads, staleness, out, bounds, params)
         if not res.applied and self.config.mode == "sync":
             # Everyone waits at the barrier for the next version: publish the unchanged
@@ -104,7 +121,71 @@ class Updater:
             res.publish = True
             if out is not None:
                 out.copy_(params)
+        self._after(res, mark, out if out is not None else params)
         return res
+
+    def _after(self, res: UpdateResult, mark, published: torch.Tensor) -> None:
+        """Compensation's part after the update: predict the published vector, keep it for dc, and
+        move the average."""
+        h = self.history
+        if h is not None and not h.with_current and not res.publish:
+            h.undo(mark)  # the pre-update parameters were kept for a version that was not published
+        if not res.publish:
+            return
+        if self.comp.predict and res.applied:
+            # published = w + S * (w - w_old): extrapolated from the master, which stays exact
+            self._old.lerp_(self.master, 1.0 + self.comp.predict)
+            published.copy_(self._old)
+        if h is not None and h.with_current:
+            h.push(published)
+        if self.ema is not None and res.applied:
+            new = self.master if self.master is not None else published
+            self.ema.lerp_(new.to(self.device), 1.0 - ema_decay(self.comp.ema, self.step))
+
+    def compensation_record(self) -> dict:
+        """What an update record adds for dc (gradients applied uncorrected so far) and momentum (beta1)."""
+        out = {}
+        if self.history is not None:
+            out["uncorrected"] = self.uncorrected
+        if self.comp.momentum:
+            out["beta1"] = round(self.beta1, 6)
+        return out
+
+    def eval_params(self, current: torch.Tensor | None = None) -> torch.Tensor:
+        """What validation, the best checkpoint and the test evaluate: the average (--ema), else the
+        master, else (a CPU server without one) the published parameters `current`."""
+        if self.ema is not None:
+            return self.ema
+        return self.master if self.master is not None else current
+
+    def _compensate(self, use: list[torch.Tensor], staleness: list[int], params: torch.Tensor) -> list[torch.Tensor]:
+        """Delay compensation of each stale gradient (fp32 on the server's device afterwards)."""
+        c, h, scale = self.config, self.history, None
+        out = []
+        for g, s in zip(use, staleness):
+            pulled = h.at(s) if s > 0 or h.with_current else None
+            if pulled is None:
+                self.uncorrected += s > 0
+                out.append(g)
+                continue
+            if g.dtype != torch.float32 or g.device != self.device:
+                g = g.to(self.device, dtype=torch.float32)
+            if self.comp.adaptive and scale is None:
+                # lambda / sqrt(mean g*g): Adam's second moment, bias corrected, is that running mean
+                v_hat = self.exp_avg_sq / (1.0 - c.beta2 ** max(1, self.step))
+                scale = v_hat.sqrt_().add_(c.eps if c.eps > 0 else 1e-12).reciprocal_()
+            delay_compensate(g, params, pulled, self.comp.dc, scale if self.comp.adaptive else None)
+            out.append(g)
+        return out
+
+    def _momentum(self, staleness: list[int]) -> float:
+        """beta1 for this update: lowered by the running mean of the measured staleness."""
+        x = sum(staleness) / len(staleness)
+        if self.mean_staleness is None:
+            self.mean_staleness = float(x)
+        else:  # a running mean over the first 100 updates, then an average with decay 0.99
+            self.mean_staleness += (x - self.mean_staleness) / min(self.step + 1, 100)
+        return momentum_beta1(self.config.beta1, self.mean_staleness)
 
     def _apply(self, grads, staleness, out, bounds, params) -> UpdateResult:
         c = self.config
@@ -117,6 +198,15 @@ class Updater:
             return UpdateResult(False, False, lr, dropped)
         use = [grads[i] for i in kept]
         use_bounds = [bounds[i] for i in kept] if bounds else None  # weights <= 1 keep them valid
+        if self.history is not None:
+            use = self._compensate(use, [staleness[i] for i in kept], params)
+            if any(a is not b for a, b in zip(use, [grads[i] for i in kept])):
+                use_bounds = None  # corrected: the pushers' bounds no longer hold
+            if not self.history.with_current:
+                self.history.push(params)  # about to become the previous version
+        self.beta1 = self._momentum([staleness[i] for i in kept]) if self.comp.momentum else c.beta1
+        if self._old is not None:
+            self._old.copy_(params)
         if any(weights[i] != 1.0 for i in kept):
             if use[0].dtype != torch.float32:  # scaled in bf16 they would be rounded again: widen
                 use = [g.float() for g in use]
@@ -140,7 +230,7 @@ class Updater:
         # buffer), write only `out` (the back buffer); m and v in place either way.
         where = {"out": out} if self.master is not None else {"param_out": out}
         ok = fused_adam_step(params, self.exp_avg, self.exp_avg_sq, use, step=self.step + 1, lr=lr,
-                             beta1=c.beta1, beta2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
+                             beta1=self.beta1, beta2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
                              decoupled=c.decoupled, grad_bounds=use_bounds, **where)
         if ok:
             self.step += 1
@@ -154,8 +244,16 @@ class Updater:
         if self.master is None and current is None:
             raise ValueError("this Updater keeps no master copy: pass current= (the published parameters)")
         params = self.master.cpu() if self.master is not None else current.detach().clone()
-        return {"params": params, "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
-                "step": self.step, "dropped": self.dropped, "skipped": self.skipped}
+        state = {"params": params, "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(),
+                 "step": self.step, "dropped": self.dropped, "skipped": self.skipped}
+        if self.ema is not None:
+            state["ema"] = self.ema.cpu()
+        if self.history is not None:
+            state["history"] = self.history.state_dict()
+            state["uncorrected"] = self.uncorrected
+        if self.mean_staleness is not None:
+            state["mean_staleness"] = self.mean_staleness
+        return state
 
     def load_state_dict(self, state: dict, current: torch.Tensor | None = None) -> None:
         """Continue from a checkpoint. Without a master copy the parameters are not loaded here:
@@ -171,6 +269,12 @@ class Updater:
         self.step = int(state["step"])
         self.dropped = int(state.get("dropped", 0))
         self.skipped = int(state.get("skipped", 0))
+        if self.ema is not None:  # a checkpoint without an average starts it from the parameters
+            self.ema.copy_(state.get("ema", state["params"]))
+        if self.history is not None and "history" in state:
+            self.history.load_state_dict(state["history"])
+        self.uncorrected = int(state.get("uncorrected", 0))
+        self.mean_staleness = state.get("mean_staleness")
 
 
 def update_record(update: int, version: int, res: UpdateResult, staleness, tokens, loss_sum, workers, t0,
@@ -206,8 +310,9 @@ class UpdateBook:
 
     def __init__(self, config: TrainConfig, up: Updater, *, sink: Callable[[dict], None], save: Callable[[], None],
                  t0: float, positions: list[int] | None = None, progress: dict | None = None,
-                 fault_at: int | None = None) -> None:
+                 fault_at: int | None = None, on_publish: Callable[[], None] | None = None) -> None:
         self.config, self.up, self.sink, self.save, self.t0 = config, up, sink, save, t0
+        self.on_publish = on_publish  # after each published update (the server's eval region)
         self.positions = positions
         self.progress = progress if progress is not None else {"tokens": 0, "gradients": 0}
         self.fault_at = fault_at
@@ -218,12 +323,14 @@ class UpdateBook:
         if self.positions is not None and used.positions is not None:
             for w, pos in zip(used.local_workers or used.workers, used.positions):
                 self.positions[w] = pos
+        if res.publish and self.on_publish is not None:
+            self.on_publish()
         self.progress["tokens"] += int(sum(used.tokens))
         if res.applied:
             self.progress["gradients"] += len(used.staleness) - res.dropped
         record = update_record(up.step, version, res, used.staleness, used.tokens, used.losses, used.workers,
                                self.t0, positions=used.positions)
-        self.sink({**record, **(extra or {})})
+        self.sink({**record, **up.compensation_record(), **(extra or {})})
         if res.applied and c.save_every and up.step % c.save_every == 0:
             self.save()
         if res.applied and up.step == self.fault_at:
