@@ -286,3 +286,68 @@ def test_a_simulated_run_with_compensation_resumes_bit_for_bit(tmp_path):
     for k in ("params", "ema", "exp_avg"):
         assert torch.equal(a[k], b[k]), k
     assert whole["best_valid"] == parts["best_valid"]
+
+
+# --- edges the review found ------------------------------------------------------------------------
+
+def test_dc_with_bf16_gradients_of_mixed_staleness_sums_them_all_in_fp32():
+    p = torch.randn(N)
+    up, ref = Updater(config(stale_policy="dc:1", global_accum=2), p), Reference(p, dc=1.0)
+    for t, stale in enumerate([[0, 0], [1, 0], [0, 1], [2, 0]]):
+        gs = [g.to(torch.bfloat16) for g in grads(2, t)]
+        assert up.apply([g.clone() for g in gs], stale).applied
+        ref.update([g.float() for g in gs], stale)
+    close(up.master, ref.w.detach())
+
+
+def test_a_correction_that_overflows_skips_the_update_despite_the_pushers_bounds():
+    p = torch.randn(N)
+    up = Updater(config(stale_policy="dc:1", global_accum=2), p)
+    up.apply(grads(2, 0), [0, 0])
+    g = grads(2, 1)
+    g[1][3] = 1e30  # finite, but g*g overflows
+    res = up.apply(g, [0, 1], bounds=[x.abs().max().item() for x in g])
+    assert not res.applied and up.skipped == 1 and torch.isfinite(up.master).all()
+
+
+def test_history_of_one_version_undoes_a_push():
+    h = History(1, 3, "cpu", with_current=False)
+    h.push(torch.zeros(3))
+    mark = h.mark()
+    h.push(torch.ones(3))
+    h.undo(mark)
+    assert h.at(1) is None  # the one kept version was overwritten: none is better than a wrong one
+
+
+def test_a_resume_that_republishes_the_master_is_what_dc_measures_from():
+    p = torch.randn(N)
+    kw = dict(stale_policy="dc:1", predict="0.5")
+    first = Updater(config(**kw), p)
+    pub = drive(first, None, steps=STALENESS[:4])
+    second = Updater(config(**kw), torch.zeros(N))
+    second.load_state_dict(first.state_dict())
+    assert torch.equal(second.history.at(0), pub)
+    second.republished(second.master)  # what a real-process launcher publishes on resume
+    assert torch.equal(second.history.at(0), second.master)
+    third = Updater(config(stale_policy="dc:1"), torch.zeros(N))  # --predict dropped at the resume
+    third.load_state_dict(first.state_dict())
+    assert third.history.count == 0
+
+
+def test_expected_staleness_counts_pull_every():
+    assert config(global_accum=4).expected_staleness() == 0.75
+    assert config(global_accum=4, pull_every=3).expected_staleness() == 1.75
+    assert config(mode="sync", global_accum=None, pull_every=7).expected_staleness() == 3.0
+    assert Updater(config(stale_policy="dc:1", global_accum=4, pull_every=3), torch.zeros(3)).history.keep == 4
+
+
+def test_real_processes_resume_with_compensation(tmp_path):
+    """The launcher republishes the checkpoint's master to the workers and its average to the eval
+    region; the server measures dc's drift from what was republished."""
+    kw = dict(global_accum=1, stale_policy="dc:1", predict="auto", ema=0.9, save_every=6)
+    train(run_cfg(tmp_path, max_updates=12, **kw))
+    summary = train(run_cfg(tmp_path, max_updates=24, resume=str(tmp_path / "run"), **kw))
+    assert summary["updates"] == 24 and summary["stopped_because"] == "max_updates"
+    server = checkpoint.load(str(tmp_path / "run" / "checkpoint.pt"))["server"]
+    assert torch.equal(checkpoint.load(str(tmp_path / "run" / "best.pt"))["params"], server["ema"])
+    assert not segments_of([os.getpid()])

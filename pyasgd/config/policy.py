@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 
+@lru_cache(maxsize=64)  # the server asks at every update
 def parse_policy(p: str) -> tuple[str, float | int | None]:
     """("none"|"scale"|"drop"|"dc"|"dc-adaptive"|"momentum", its argument); ValueError on bad syntax."""
     if p in ("none", "scale", "momentum"):

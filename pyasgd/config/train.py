@@ -139,9 +139,13 @@ class TrainConfig:
         from pyasgd.config.policy import parse_predict
 
         s = parse_predict(self.predict)
-        if s is None:
-            return 0.0 if self.mode == "sync" else (self.total_workers - 1) / self.G
-        return s
+        return self.expected_staleness() if s is None else s
+
+    def expected_staleness(self) -> float:
+        """Mean staleness with equally fast workers: a gradient waits for the others' (N - 1) / G
+        updates in async (0 in sync), and a pull every U updates adds (U - 1) / 2 on average."""
+        wait = 0.0 if self.mode == "sync" else (self.total_workers - 1) / self.G
+        return wait + (self.pull_every - 1) / 2
 
     @property
     def eval_copy(self) -> bool:

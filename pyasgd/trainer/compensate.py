@@ -43,20 +43,13 @@ class Compensation:
         return self.predict > 0 or self.ema > 0
 
 
-def expected_staleness(workers: int, G: int, sync: bool) -> float:
-    """Mean staleness of G-gradient updates with N equally fast workers: each gradient waits for
-    the N - 1 others' on average, (N - 1) / G updates (0 in sync)."""
-    return 0.0 if sync else (workers - 1) / G
-
-
 def compensation_for(config) -> Compensation:
     """The Compensation a TrainConfig asks for."""
     kind, arg = parse_policy(config.stale_policy)
-    sync = config.mode == "sync"
     predict = config.predict_s()
     dc = float(arg) if kind in ("dc", "dc-adaptive") else 0.0
-    # dc: keep what a gradient 2x the expected staleness may have pulled (G = N: 1 version).
-    keep = max(1, math.ceil(2 * expected_staleness(config.total_workers, config.G, sync))) if dc else 0
+    # dc: keep what a gradient twice the expected staleness may have pulled (G = N = 4: 2 versions).
+    keep = max(1, math.ceil(2 * config.expected_staleness())) if dc else 0
     return Compensation(dc=dc, adaptive=kind == "dc-adaptive", momentum=kind == "momentum", predict=predict,
                         ema=config.ema, keep=keep)
 
@@ -101,20 +94,29 @@ class History:
         self.buf = torch.zeros(self.size, n, dtype=torch.float32, device=device)
         self.count = 0   # valid entries
         self.head = 0    # index of the newest
+        self.pushes = 0  # pushes so far (what undo compares)
 
     def push(self, vector: torch.Tensor) -> None:
         self.head = (self.head - 1) % self.size
         self.buf[self.head].copy_(vector)
         self.count = min(self.count + 1, self.size)
+        self.pushes += 1
 
-    def mark(self) -> tuple[int, int]:
-        return self.head, self.count
+    def replace_newest(self, vector: torch.Tensor) -> None:
+        """What was published is not what was kept (a resume republishes the master): say so."""
+        if self.count:
+            self.buf[self.head].copy_(vector)
+        else:
+            self.push(vector)
 
-    def undo(self, mark: tuple[int, int]) -> None:
-        """Forget what was pushed since `mark` (a push into a full ring lost the oldest)."""
-        head, count = mark
-        if self.head != head:
-            self.head, self.count = head, min(count, self.size - 1)
+    def mark(self) -> tuple[int, int, int]:
+        return self.head, self.count, self.pushes
+
+    def undo(self, mark: tuple[int, int, int]) -> None:
+        """Forget the one push since `mark` (a push into a full ring lost the oldest)."""
+        head, count, pushes = mark
+        if self.pushes != pushes:
+            self.head, self.count, self.pushes = head, min(count, self.size - 1), pushes
 
     def at(self, s: int) -> torch.Tensor | None:
         i = s if self.with_current else s - 1
@@ -127,7 +129,12 @@ class History:
         return {"vectors": self.buf[order].cpu(), "with_current": self.with_current}
 
     def load_state_dict(self, state: dict) -> None:
-        vectors = state["vectors"][:self.size]
+        vectors = state["vectors"]
+        if bool(state.get("with_current")) != self.with_current:
+            # --predict changed across the resume: the entries would be one version off. Start
+            # empty; the next gradients older than what is kept again go uncorrected (counted).
+            vectors = vectors[:0]
+        vectors = vectors[:self.size]
         self.count, self.head = len(vectors), 0
         if len(vectors):
             self.buf[:len(vectors)].copy_(vectors)

@@ -109,8 +109,8 @@ class Supervisor:
                 self.eval_region = SharedRegion.create(flat.n, 1, pin=self.eval_device.type == "cuda")
             evaluated = self.eval_region or self.region
             self.region.publish(flat.params)
-            if self.eval_region is not None:
-                self.eval_region.publish(flat.params)  # the server publishes the average of a resumed run
+            if self.eval_region is not None:  # the average of a resumed run, else the master
+                self.eval_region.publish(resume["server"].get("ema", flat.params) if resume else flat.params)
             self._spawn(resume)
             schedule = ValidationSchedule(c, log.updates, log.tokens)
             if c.valid_process and schedule.every:
@@ -142,9 +142,11 @@ class Supervisor:
             if pbar is not None:
                 pbar.close()
             self._reap()
-            self.region.close()
-            if self.eval_region is not None:
-                self.eval_region.close()
+            try:
+                self.region.close()
+            finally:
+                if self.eval_region is not None:
+                    self.eval_region.close()
             wall = (train_end or time.monotonic()) - self.start
             if stopped_because:
                 summary = finish_run(log, self.run_dir, self.topology, self.failure, stopped_because, wall,

@@ -136,14 +136,14 @@ def _serve(args: ServerArgs) -> None:
             up = Updater(config, init[lo:hi], config.server_device)
         server = Server(args, region, up, lo, hi, in_region)
         if args.eval_region:
-            server.eval_region = SharedRegion.attach(args.eval_region)
+            server.eval_region = SharedRegion.attach(args.eval_region, pin=config.server_device.startswith("cuda"))
         if args.resume_state:
             from pyasgd.core import checkpoint
 
             server.resumed = checkpoint.load(args.resume_state)
             topology.check_resume(server.resumed)
             up.load_state_dict(server.resumed["server"], current=server.current())
-        server.publish_eval()
+            up.republished(server.pulled()[lo:hi] if up.history is not None else None)
         # The run's progress counters, kept in the checkpoint so a resumed run's token-scheduled
         # validations and epochs go on (the launcher's RunLog counts the same from the records).
         progress = {"tokens": 0, "gradients": 0, "vtime": None, "elapsed": 0.0, "valid_s": 0.0}
@@ -158,10 +158,12 @@ def _serve(args: ServerArgs) -> None:
                         "skipped": up.skipped, **extra})
     finally:
         segments = [segment]
-        region.close()
-        if server is not None and server.eval_region is not None:
-            segments.append(server.eval_region.path)
-            server.eval_region.close()
+        try:
+            region.close()
+        finally:
+            if server is not None and server.eval_region is not None:
+                segments.append(server.eval_region.path)
+                server.eval_region.close()
         if parent_gone():
             args.queue.cancel_join_thread()  # nobody reads the queue any more: do not wait to flush it
             for path in segments:

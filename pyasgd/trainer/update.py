@@ -151,6 +151,12 @@ class Updater:
             out["beta1"] = round(self.beta1, 6)
         return out
 
+    def republished(self, published: torch.Tensor | None) -> None:
+        """A resumed run's launcher republished `published` (the master, not the last prediction):
+        dc measures drift from what workers now pull."""
+        if self.history is not None and self.history.with_current:
+            self.history.replace_newest(published)
+
     def eval_params(self, current: torch.Tensor | None = None) -> torch.Tensor:
         """What validation, the best checkpoint and the test evaluate: the average (--ema), else the
         master, else (a CPU server without one) the published parameters `current`."""
@@ -158,10 +164,12 @@ class Updater:
             return self.ema
         return self.master if self.master is not None else current
 
-    def _compensate(self, use: list[torch.Tensor], staleness: list[int], params: torch.Tensor) -> list[torch.Tensor]:
-        """Delay compensation of each stale gradient (fp32 on the server's device afterwards)."""
+    def _compensate(self, use: list[torch.Tensor], staleness: list[int],
+                    params: torch.Tensor) -> tuple[list[torch.Tensor], bool]:
+        """Delay compensation of each stale gradient; returns the gradients (all fp32 if any was
+        corrected: the kernel takes one dtype) and whether any was."""
         c, h, scale = self.config, self.history, None
-        out = []
+        out, corrected = [], False
         for g, s in zip(use, staleness):
             pulled = h.at(s) if s > 0 or h.with_current else None
             if pulled is None:
@@ -176,7 +184,10 @@ class Updater:
                 scale = v_hat.sqrt_().add_(c.eps if c.eps > 0 else 1e-12).reciprocal_()
             delay_compensate(g, params, pulled, self.comp.dc, scale if self.comp.adaptive else None)
             out.append(g)
-        return out
+            corrected = True
+        if corrected and any(g.dtype != torch.float32 for g in out):
+            out = [g.float() for g in out]  # bf16 widens exactly
+        return out, corrected
 
     def _momentum(self, staleness: list[int]) -> float:
         """beta1 for this update: lowered by the running mean of the measured staleness."""
@@ -199,9 +210,9 @@ class Updater:
         use = [grads[i] for i in kept]
         use_bounds = [bounds[i] for i in kept] if bounds else None  # weights <= 1 keep them valid
         if self.history is not None:
-            use = self._compensate(use, [staleness[i] for i in kept], params)
-            if any(a is not b for a, b in zip(use, [grads[i] for i in kept])):
-                use_bounds = None  # corrected: the pushers' bounds no longer hold
+            use, corrected = self._compensate(use, [staleness[i] for i in kept], params)
+            if corrected:
+                use_bounds = None  # the pushers' bounds no longer hold: the kernel checks finiteness
             if not self.history.with_current:
                 self.history.push(params)  # about to become the previous version
         self.beta1 = self._momentum([staleness[i] for i in kept]) if self.comp.momentum else c.beta1
