@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OTHER = {"mode": "sync", "task": "synthetic", "schedule": "constant", "sim_order": "normal", "patience_metric": "loss",
          "amp": "bf16", "grad_dtype": "fp32", "preset": "base", "rnn_cell": "lstm", "positions": "learned",
          "stale_policy": "scale", "devices": "cuda:1", "server_device": "cuda:0", "worker_slowdown": "1:2",
-         "sim_speeds": "1,2", "bleu_targets": "10,20", "master_addr": "10.0.0.1"}
+         "sim_speeds": "1,2", "bleu_targets": "10,20", "master_addr": "10.0.0.1", "predict": "0.5"}
 
 
 def distinct_settings() -> dict:
