@@ -37,11 +37,6 @@ class Compensation:
     ema: float = 0.0             # decay of the parameters' average (0: off)
     keep: int = 0                # versions kept for dc (besides the current parameters)
 
-    @property
-    def eval_copy(self) -> bool:
-        """Validation and checkpoints need parameters other than the published ones."""
-        return self.predict > 0 or self.ema > 0
-
 
 def compensation_for(config) -> Compensation:
     """The Compensation a TrainConfig asks for."""

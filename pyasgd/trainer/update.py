@@ -239,7 +239,11 @@ class Updater:
             use = [g if g.device == self.device or g.is_pinned() else g.to(self.device) for g in use]
         # With a master: in place, and copied to `out`. Without: read `params` (the published
         # buffer), write only `out` (the back buffer); m and v in place either way.
-        where = {"out": out} if self.master is not None else {"param_out": out}
+        # (With --predict, `out` gets the extrapolation after the update, not the master: one write.)
+        if self.master is not None:
+            where = {"out": None if self.comp.predict else out}
+        else:
+            where = {"param_out": out}
         ok = fused_adam_step(params, self.exp_avg, self.exp_avg_sq, use, step=self.step + 1, lr=lr,
                              beta1=self.beta1, beta2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
                              decoupled=c.decoupled, grad_bounds=use_bounds, **where)
