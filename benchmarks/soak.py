@@ -89,8 +89,8 @@ def shm_names() -> set[str]:
 
 
 def base_command(task: str, out: str, corpus: dict[str, str]) -> list[str]:
-    cmd = [sys.executable, "-m", "pyasgd.trainer.cli", "--workers", "2", "--max-time", "0", "--quiet", "--out", out,
-           "--save-every", "25", "--timeout", "60"]
+    cmd = [sys.executable, "-m", "pyasgd.trainer.cli", "--mode", "async", "--workers", "2", "--max-time", "0",
+           "--quiet", "--out", out, "--save-every", "25", "--timeout", "60"]
     if task == "synthetic":
         return cmd + ["--task", "synthetic", "--compute-delay", "0.005", "--max-updates", "600", "--lr", "2e-3",
                       "--warmup", "50"]

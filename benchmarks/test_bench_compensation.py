@@ -23,7 +23,7 @@ VARIANTS = {"plain": {}, "dc:1": dict(stale_policy="dc:1"), "dc-adaptive:2": dic
 
 
 def config(**kw):
-    return TrainConfig(task="synthetic", workers=4, global_accum=4, lr=1e-3, warmup=0, schedule="constant",
+    return TrainConfig(task="synthetic", mode="async", workers=4, global_accum=4, lr=1e-3, warmup=0, schedule="constant",
                        beta2=0.999, eps=1e-8, **kw)
 
 

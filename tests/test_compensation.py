@@ -17,7 +17,7 @@ LR, B1, B2, EPS = 0.01, 0.9, 0.999, 1e-8
 
 
 def config(**kw):
-    base = dict(task="synthetic", workers=4, global_accum=1, quiet=True, lr=LR, warmup=0, schedule="constant",
+    base = dict(task="synthetic", mode="async", workers=4, global_accum=1, quiet=True, lr=LR, warmup=0, schedule="constant",
                 beta1=B1, beta2=B2, eps=EPS, max_updates=10)
     return TrainConfig(**{**base, **kw})
 
@@ -127,7 +127,12 @@ def test_weight_prediction_publishes_an_extrapolation_and_keeps_the_master_exact
 def test_predict_auto_is_the_expected_staleness():
     assert Updater(config(predict="auto", global_accum=4), torch.zeros(3)).comp.predict == 0.75
     assert Updater(config(predict="auto", global_accum=1), torch.zeros(3)).comp.predict == 3.0
-    assert Updater(config(predict="auto", mode="sync", global_accum=None), torch.zeros(3)).comp.predict == 0.0
+    assert config(mode="sync", global_accum=None, pull_every=3, predict="auto").predict_s() == 1.0
+    # sync with one pull per update has no staleness: auto would silently be off, so it is refused
+    with pytest.raises(ConfigError, match="--predict: sync mode has no staleness"):
+        config(predict="auto", mode="sync", global_accum=None)
+    with pytest.raises(ConfigError, match="--stale-policy: momentum compensates stale gradients"):
+        config(stale_policy="momentum", mode="sync", global_accum=None)
 
 
 def test_dc_with_prediction_corrects_from_the_published_vector():
@@ -240,7 +245,7 @@ def test_bad_compensation_settings_are_one_line_errors(settings, needle):
 
 def test_predict_may_be_a_number_in_a_toml_file(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text("predict = 0.75\nstale_policy = \"dc:2\"\nema = 0.99\n")
+    f.write_text("mode = \"async\"\npredict = 0.75\nstale_policy = \"dc:2\"\nema = 0.99\n")
     c = TrainConfig.from_toml(str(f))
     assert (c.predict, c.stale_policy, c.ema) == ("0.75", "dc:2", 0.99)
 
@@ -251,7 +256,7 @@ from pyasgd.core import checkpoint  # noqa: E402
 from pyasgd.trainer.launch import train  # noqa: E402
 from helpers import config_builder, records, segments_of  # noqa: E402
 
-run_cfg = config_builder(task="synthetic", workers=2, quiet=True, threads=1, lr=2e-3, warmup=10, max_updates=24,
+run_cfg = config_builder(task="synthetic", mode="async", workers=2, quiet=True, threads=1, lr=2e-3, warmup=10, max_updates=24,
                          valid_every=0, save_every=0)
 
 

@@ -56,7 +56,7 @@ def test_every_setting_lives_in_one_section_and_reads_the_same_flat_or_by_sectio
 
 def test_sections_may_be_given_whole_and_flat_names_win():
     c = TrainConfig(optim=OptimConfig(lr=1e-3, beta1=0.8), method=MethodConfig(workers=3), beta1=0.7)
-    assert (c.lr, c.beta1, c.workers, c.mode) == (1e-3, 0.7, 3, "async")
+    assert (c.lr, c.beta1, c.workers, c.mode) == (1e-3, 0.7, 3, "sync")
     with pytest.raises(TypeError, match="unexpected setting 'learning_rate'"):
         TrainConfig(learning_rate=1e-3)
 
@@ -281,7 +281,7 @@ def test_help_is_grouped_by_section_with_choices_and_meaningful_defaults(run_mai
     helps = {a.dest: a.help for a in build_parser()._actions}
     for name in TrainConfig.field_names():
         assert "default:" in helps[name].lower(), name
-    assert "(default: the preset's)" in helps["dropout"] and "(default: async)" in helps["mode"]
+    assert "(default: the preset's)" in helps["dropout"] and "(default: sync)" in helps["mode"]
     assert "(default: --valid-process)" in helps["valid_process"] and "(default: 0.003)" in helps["lr"]
 
 

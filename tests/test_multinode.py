@@ -513,7 +513,7 @@ def test_prediction_and_averaging_are_refused_for_the_sharded_server():
             base(mode="async", nnodes=2, master_port=29500, **kw)
         assert "\n" not in str(e.value)
     base(mode="async", nnodes=2, master_port=29500, stale_policy="dc-adaptive:1")  # dc works shard by shard
-    base(mode="sync", nnodes=2, master_port=29500, ema=0.99, predict="auto")
+    base(mode="sync", nnodes=2, master_port=29500, ema=0.99, predict="0.5")
 
 
 @pytest.mark.slow

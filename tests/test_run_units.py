@@ -19,7 +19,7 @@ N = 37
 
 
 def config(**kw):
-    base = dict(task="synthetic", workers=2, quiet=True, lr=0.01, warmup=0, schedule="constant", beta2=0.999,
+    base = dict(task="synthetic", mode="async", workers=2, quiet=True, lr=0.01, warmup=0, schedule="constant", beta2=0.999,
                 eps=1e-8, max_updates=10)
     return TrainConfig(**{**base, **kw})
 
@@ -269,7 +269,7 @@ def test_each_node_gets_its_own_default_run_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     from pyasgd.nodes import topology_for
 
-    configs = [TrainConfig(task="synthetic", nnodes=2, node_rank=r, master_port=29500, max_updates=1) for r in (0, 1)]
+    configs = [TrainConfig(task="synthetic", mode="async", nnodes=2, node_rank=r, master_port=29500, max_updates=1) for r in (0, 1)]
     dirs = [rundir.prepare(c, topology_for(c).run_tag) for c in configs]
     assert [d.endswith(f"-async-node{r}") for r, d in enumerate(dirs)] == [True, True]
     assert dirs[0] != dirs[1] and all((tmp_path / d / "config.json").is_file() for d in dirs)

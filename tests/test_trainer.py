@@ -472,7 +472,7 @@ def test_a_killed_server_stops_the_run_naming_the_checkpoint_and_resume(tmp_path
 
 
 def test_cli_runs_a_simulation_and_writes_the_run_directory(tmp_path, cli):
-    r = cli("--simulate", "--workers", "4", "--global-accum", "2", "--max-updates", "50", "--quiet",
+    r = cli("--simulate", "--mode", "async", "--workers", "4", "--global-accum", "2", "--max-updates", "50", "--quiet",
             "--out", str(tmp_path / "run"))
     assert r.returncode == 0, r.stderr
     printed = json.loads(r.stdout.strip().splitlines()[-1])

@@ -17,15 +17,16 @@ class MethodConfig:
     """How workers and server exchange gradients: the paper's methods."""
     title: ClassVar[str] = "method"
 
-    mode: str = field(default="async", metadata={"choices": MODES})
+    mode: str = field(default="sync", metadata={"choices": MODES})
     """sync: the server sums one gradient from each worker per update and workers wait for it
-    (the paper's synchronous SGD); async: no barrier."""
+    (the paper's synchronous SGD; the default, which had the best dev BLEU on the default job:
+    README); async: no barrier (with --global-accum, --predict and the stale policies)."""
     workers: int = field(default=2, metadata=FIXED)
     """N, the number of worker processes (or virtual workers with --simulate); per node when
     --nnodes > 1 (M x N workers in all)."""
     global_accum: int | None = None
-    """G, gradients summed by the server per update. Default: N, the paper's recommendation
-    (asynchronous with global accumulation); 1 is plain asynchronous SGD; sync is always N.
+    """G, gradients summed by the server per update, with --mode async. Default: N, the paper's
+    recommendation (asynchronous with global accumulation); 1 is plain asynchronous SGD; sync is always N.
     Across nodes N means all M x N workers."""
     local_accum: int = 1
     """k, batches a worker sums before it pushes one gradient."""

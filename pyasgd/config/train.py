@@ -13,6 +13,7 @@ from typing import Any
 
 from pyasgd.config.base import check_cuda_device, load_toml, need, section_docs
 from pyasgd.config.learning import DataConfig, MethodConfig, ModelConfig, OptimConfig, SyntheticConfig
+from pyasgd.config.policy import parse_policy, parse_predict
 from pyasgd.config.running import DeviceConfig, NodesConfig, RunConfig, SimConfig, StopConfig, ValidConfig
 from pyasgd.errors import ConfigError
 
@@ -95,7 +96,15 @@ class TrainConfig:
         if self.mode == "sync" and self.global_accum is not None:
             need(self.global_accum == self.total_workers, "global_accum",
                  f"sync mode sums exactly one gradient per worker (G = M x N = {self.total_workers}); "
-                 f"drop --global-accum or set it to {self.total_workers}")
+                 f"add --mode async for asynchronous SGD, or drop --global-accum")
+        if self.mode == "sync" and self.pull_every == 1:
+            need(self.predict in ("0", "0.0") or parse_predict(self.predict) not in (None, 0.0), "predict",
+                 "sync mode has no staleness to predict over (auto gives S = 0); add --mode async "
+                 "(asynchronous SGD with global accumulation), or --pull-every U, or drop --predict")
+            kind, _ = parse_policy(self.stale_policy)
+            need(kind in ("none", "scale", "drop"), "stale_policy",
+                 f"{kind} compensates stale gradients, and sync mode has none; add --mode async, "
+                 f"or --pull-every U, or drop --stale-policy")
         self.worker_speeds()  # one per worker
         self.slowdowns()  # ranks that exist
         need(not (self.patience_metric == "bleu" and self.task != "translation"), "patience_metric",
@@ -136,8 +145,6 @@ class TrainConfig:
 
     def predict_s(self) -> float:
         """S of --predict (auto: the expected staleness (N-1)/G, 0 in sync); 0 = off."""
-        from pyasgd.config.policy import parse_predict
-
         s = parse_predict(self.predict)
         return self.expected_staleness() if s is None else s
 

@@ -2,9 +2,9 @@
 
     pyasgd-train                                   # the default job
     pyasgd-train --mode async --workers 4 --global-accum 1   # plain async (default G = N)
-    pyasgd-train --task synthetic --simulate --workers 4 --local-accum 2 --global-accum 2
+    pyasgd-train --task synthetic --simulate --mode async --workers 4 --local-accum 2 --global-accum 2
     pyasgd-train --config run.toml --max-updates 2000
-    pyasgd-train --resume runs/20261126-080000-async --max-updates 4000
+    pyasgd-train --resume runs/20261126-080000-sync --max-updates 4000
 
 Every option is a setting of TrainConfig (pyasgd/config/), listed above by its section;
 --config FILE loads TOML with the same names (max_updates = 2000), and options given on the
