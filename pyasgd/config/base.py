@@ -27,6 +27,7 @@ SIM_ORDERS = ("round-robin", "normal")
 PATIENCE_METRICS = ("", "loss", "bleu")
 AMP = ("none", "bf16")
 GRAD_DTYPES = ("fp32", "bf16")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 RNN_CELLS = ("gru", "lstm")
 POSITIONS = ("", "sinusoidal", "learned")
 # Marks a setting that shapes the model or the data: a resumed run must keep it (see rundir.py).

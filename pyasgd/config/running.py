@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pyasgd.config.base import (AMP, FIXED, GRAD_DTYPES, PATIENCE_METRICS, SIM_ORDERS, check_choice, check_types,
+from pyasgd.config.base import (AMP, FIXED, GRAD_DTYPES, LOG_LEVELS, PATIENCE_METRICS, SIM_ORDERS, check_choice, check_types,
                                 need)
 from pyasgd.errors import ConfigError
 
@@ -65,10 +65,15 @@ class ValidConfig:
     bleu_targets: str = ""
     """comma list of dev BLEU scores whose first wall time and update are reported, e.g. 10,15,20
     (default: none)."""
+    test: bool = True
+    """at the end, decode the test set with the best checkpoint and report its BLEU; --no-test
+    skips it (a smoke run, or a run whose test set must stay unseen)."""
+    test_sentences: int = 0
+    """decode only the first this many test sentences at the end (0 = all)."""
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name in ("valid_every_tokens", "valid_every", "valid_sentences"):
+        for name in ("valid_every_tokens", "valid_every", "valid_sentences", "test_sentences"):
             need(getattr(self, name) >= 0, name, "must be >= 0")
         self.targets()  # the list's syntax
 
@@ -91,7 +96,16 @@ class RunConfig:
     save_every: int = 0
     """checkpoint every this many server updates (0 = only at the end)."""
     quiet: bool = False
-    """no progress bar."""
+    """no progress output: only warnings and errors on stderr (train.log still gets everything)."""
+    log_every: float = 30.0
+    """seconds between progress lines when stderr is not a terminal (a log file, a pipe); on a
+    terminal a progress bar is drawn instead. 0 = lines only at validations, restarts and the end."""
+    log_level: str = field(default="info", metadata={"choices": LOG_LEVELS})
+    """what stderr shows: debug, info (progress and phases), warning or error; train.log in the run
+    directory always gets info and above."""
+    tensorboard: bool = False
+    """write TensorBoard events to RUN_DIR/tb: loss, learning rate, words/s, staleness (mean and
+    histogram), dev BLEU, chrF and loss (needs the extra: pip install 'pyasgd[tensorboard]')."""
     timeout: float = 120.0
     """seconds a process may wait on another (a full ring, a barrier) before the run fails."""
     max_restarts: int = 3
@@ -102,6 +116,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_types(self)
         need(self.save_every >= 0, "save_every", "must be >= 0")
+        need(self.log_every >= 0, "log_every", "must be >= 0 seconds (0 = only at validations and the end)")
+        check_choice(self, "log_level")
         need(self.timeout > 0, "timeout", "must be > 0 seconds")
         need(self.max_restarts >= 0, "max_restarts", "must be >= 0")
 

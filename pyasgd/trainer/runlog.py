@@ -7,7 +7,7 @@ import json
 import os
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from pyasgd.trainer import rundir
 
@@ -53,10 +53,15 @@ class RunLog:
         self.targets = {t: None for t in config.targets()}  # first (wall_s, update) reaching each
         self.restarts: list[dict[str, Any]] = []  # workers replaced: rank, update, cause
         self.retired: list[dict[str, Any]] = []   # the last progress record of each replaced worker
+        # Whoever else wants each record as it is written (TensorBoard, the progress lines); each
+        # may have a close().
+        self.sinks: list[Callable[[dict[str, Any]], None]] = []
 
     # -- records ------------------------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
         self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        for sink in self.sinks:
+            sink(record)
 
     def record(self, r: dict[str, Any]) -> None:
         """Take a record from the server or a worker (control records are the launcher's)."""
@@ -275,3 +280,8 @@ class RunLog:
 
     def close(self) -> None:
         self._f.close()
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+        self.sinks = []
