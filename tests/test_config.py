@@ -19,10 +19,11 @@ from pyasgd.nodes.launch_env import torchrun_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Some value other than the default for each type, to tell the fields apart.
-OTHER = {"mode": "sync", "task": "synthetic", "schedule": "constant", "sim_order": "normal", "patience_metric": "loss",
+OTHER = {"mode": "async", "task": "synthetic", "schedule": "constant", "sim_order": "normal", "patience_metric": "loss",
          "amp": "bf16", "grad_dtype": "fp32", "preset": "base", "rnn_cell": "lstm", "positions": "learned",
          "stale_policy": "scale", "devices": "cuda:1", "server_device": "cuda:0", "worker_slowdown": "1:2",
-         "sim_speeds": "1,2", "bleu_targets": "10,20", "master_addr": "10.0.0.1", "predict": "0.5"}
+         "sim_speeds": "1,2", "bleu_targets": "10,20", "master_addr": "10.0.0.1", "predict": "0.5",
+         "log_level": "debug"}
 
 
 def distinct_settings() -> dict:
@@ -49,7 +50,7 @@ def test_every_setting_lives_in_one_section_and_reads_the_same_flat_or_by_sectio
     for section, f in TrainConfig.flat_fields():
         assert isinstance(getattr(c, section), SECTIONS[section])
         assert getattr(c, f.name) == getattr(getattr(c, section), f.name), f.name
-    assert c.optim.lr == c.lr == 0.01 and c.method.mode == c.mode == "sync" and c.data.seed == 7
+    assert c.optim.lr == c.lr == 0.01 and c.method.mode == c.mode == "async" and c.data.seed == 7
     assert {"method", "data", "model", "optim", "run", "device", "sim", "nodes"} <= set(SECTIONS)
     assert TrainConfig.lr == 3e-3 and TrainConfig.seed == 1  # on the class: the default (pyasgd/study/grid.py)
 
