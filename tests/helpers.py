@@ -89,3 +89,32 @@ def shm_names():
 def segments_of(pids):
     """The segments in /dev/shm created by any of `pids` (segment names start pyasgd-PID-)."""
     return sorted(n for n in shm_names() if any(n.startswith(f"pyasgd-{p}-") for p in pids))
+
+
+def semaphores_of(pid):
+    """The named POSIX semaphores in /dev/shm (multiprocessing's sem.mp-*) that process `pid` has
+    mapped, found by inode (glibc maps a temporary file, then links it to the name)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            inodes = {int(line.split()[4]) for line in f if "/dev/shm/sem." in line}
+    except OSError:
+        return []
+    out = []
+    for name in os.listdir("/dev/shm") if inodes else []:
+        path = os.path.join("/dev/shm", name)
+        try:
+            if name.startswith("sem.mp-") and os.stat(path).st_ino in inodes:
+                out.append(path)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def remove_files(paths):
+    """Remove what a test's SIGKILLed process group left (its semaphores: their resource
+    tracker died with it), as a machine's reboot would."""
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass

@@ -397,7 +397,7 @@ def test_a_killed_node_stops_the_other_cleanly_and_the_pair_resumes(tmp_path, mo
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_whole_node_killed_at_once_is_named_by_its_silence(tmp_path, mode):
+def test_a_whole_node_killed_at_once_is_named_by_its_silence(tmp_path, mode, request):
     """Every process of node 1 SIGKILLed together (a machine lost): node 0's collective fails at
     once, it saves, and its launcher names node 1 from the missing heartbeat within --timeout."""
     from pyasgd.core.region import SharedRegion
@@ -410,6 +410,8 @@ def test_a_whole_node_killed_at_once_is_named_by_its_silence(tmp_path, mode):
                               text=True, start_new_session=True) for r in (0, 1)]
     wait_training(tmp_path, procs)
     kids = children(procs[0].pid) + children(procs[1].pid)
+    semaphores = helpers.semaphores_of(procs[1].pid)  # its resource tracker dies with it: nobody unlinks them
+    request.addfinalizer(lambda: helpers.remove_files(semaphores))
     t = time.monotonic()
     os.killpg(procs[1].pid, signal.SIGKILL)
     (code0, _, err0), _ = finish(procs, timeout=timeout + 60)
@@ -421,6 +423,7 @@ def test_a_whole_node_killed_at_once_is_named_by_its_silence(tmp_path, mode):
     assert not segments_of([procs[0].pid])
     SharedRegion.create(1, 1).close()  # node 1 died with its segment: the next run's create() sweeps it
     assert not segments_of([procs[1].pid])
+    assert semaphores  # the run's queue and events, removed at the end of the test
 
 
 @pytest.mark.slow

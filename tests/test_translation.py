@@ -220,7 +220,7 @@ def test_short_end_to_end_run_and_translate(tmp_path, small_pairs, run_main):
                 "wps", "avg_staleness", "staleness_hist", "best_valid_bleu", "test_bleu", "stopped_because",
                 "time_to_bleu", "test_chrf"):
         assert key in summary, key
-    assert summary["global_accum"] == 2 and summary["mode"] == "async"  # the default: G = N
+    assert summary["global_accum"] == 2 and summary["mode"] == "sync"  # the default: sync, G = N
     assert summary["best_valid_bleu"] is not None and summary["test_bleu"] is not None
     assert summary["time_to_bleu"]["0"] is not None and summary["time_to_bleu"]["99"] is None
     assert {"spm.model", "best.pt", "checkpoint.pt", "sacrebleu.txt", "config.json", "metrics.jsonl"} <= set(os.listdir(out))

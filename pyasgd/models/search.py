@@ -1,11 +1,44 @@
 """Batched greedy and beam search over a model's start(src) / decode_step(token, state, t) /
 reorder(state, index) (incremental: each step computes one new position). Beam search with
-beam 1 takes the same argmax path as greedy search."""
+beam 1 takes the same argmax path as greedy search.
+
+Both keep an untrained or barely trained model's output short: BOS and PAD are never generated
+(an untrained model's favourite token is often BOS, which decodes to nothing), and a hypothesis
+that has fallen into a loop (one token 4 times in a row, or a 2- or 3-token group 3 times) ends
+there, as if it had produced EOS. Without this, garbage runs to the length limit and decoding an
+untrained model's dev and test sets takes minutes; a trained model's output is not affected
+unless it loops.
+"""
 from __future__ import annotations
 
 import torch
 
 from pyasgd.data.subword import BOS, EOS, PAD
+
+LOOPS = ((1, 4), (2, 3), (3, 3))  # (group size, repeats) that end a hypothesis
+
+
+def looping(prefix: torch.Tensor) -> torch.Tensor:
+    """Rows of `prefix` (B, 1 + t: BOS, then the tokens so far) whose last tokens are one group
+    repeated as LOOPS says."""
+    out = torch.zeros(prefix.shape[0], dtype=torch.bool, device=prefix.device)
+    for n, reps in LOOPS:
+        if prefix.shape[1] - 1 < n * reps:
+            continue
+        tail = prefix[:, -n * reps:].reshape(prefix.shape[0], reps, n)
+        out |= (tail == tail[:, :1]).all(2).all(1)
+    return out
+
+
+def constrain(logp: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+    """logp (rows, V) of the next token, in place: never BOS or PAD; only EOS after a loop."""
+    logp[:, BOS] = float("-inf")
+    logp[:, PAD] = float("-inf")
+    loop = looping(prefix)
+    if bool(loop.any()):
+        logp[loop] = float("-inf")
+        logp[loop, EOS] = 0.0
+    return logp
 
 
 @torch.no_grad()
@@ -16,7 +49,7 @@ def greedy(model, src: torch.Tensor, max_len: int) -> list[list[int]]:
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     for t in range(max_len):
         logp, state = model.decode_step(prefix[:, -1:], state, t)
-        nxt = logp.argmax(-1)
+        nxt = constrain(logp, prefix).argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
         prefix = torch.cat([prefix, nxt[:, None]], 1)
         done |= nxt == EOS
@@ -49,7 +82,7 @@ def beam_search(model, src: torch.Tensor, beam: int, max_len: int, alpha: float 
     alive = torch.ones(B, dtype=torch.bool, device=dev)
     for t in range(max_len):
         logp, state = model.decode_step(prefix[:, -1:], state, t)
-        logp = logp.view(B, beam, -1)                                              # (B, beam, V)
+        logp = constrain(logp, prefix).view(B, beam, -1)                           # (B, beam, V)
         V = logp.shape[-1]
         cand = (scores.unsqueeze(-1) + logp).view(B, -1)
         top, idx = cand.topk(2 * beam, dim=-1)                                    # room for EOS

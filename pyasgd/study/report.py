@@ -8,19 +8,22 @@ another machine reports the same.
   update, average staleness, words per second, best dev BLEU, test BLEU, time and updates to each
   BLEU target, and the speed-up over sync;
 - Table 4: per language pair, sync / async / async + 4x global accumulation;
-- Figures: dev BLEU against updates and against (virtual) time, training loss, staleness.
+- Figures: dev BLEU against updates and against (virtual) time, training loss, staleness (drawn
+  with pyasgd/study/plots.py; without matplotlib, the `plots` extra, report.md has the tables and
+  says why it has no figures).
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import statistics
+import sys
 from collections import defaultdict
 from typing import Any
 
 from pyasgd.trainer import rundir
 from pyasgd.study.grid import CELL, CELL_ERROR, cell_status, studies_run
+from pyasgd.errors import MissingExtra
+from pyasgd.study.plots import Curves, dev_metric, panel, pyplot, read_metrics
 
 DIVERGED_BLEU = 1.0  # best dev BLEU below this: the run never learned (the paper's 0.00 entries)
 TABLE4_METHODS = ("sync", "async", "async-global4")
@@ -60,7 +63,7 @@ def collect(study_dir: str) -> list[dict[str, Any]]:
                 time=s.get("virtual_time_s") if time_kind == "virtual" else s.get("wall_s"))
             bleu = row["best_valid_bleu"]
             row["diverged"] = bleu is not None and bleu < DIVERGED_BLEU
-            row["_valid"] = _records(d)[0]
+            row["_valid"] = read_metrics(d)[0]
         rows.append(row)
     return rows
 
@@ -262,30 +265,10 @@ def table_cells(rows) -> list[str]:
 
 
 # -- figures --------------------------------------------------------------------------------------------
-def _records(run_dir: str) -> tuple[list[dict], list[dict]]:
-    valid, updates = [], []
-    path = os.path.join(run_dir, rundir.METRICS)
-    if not os.path.isfile(path):
-        return valid, updates
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed run
-            if r.get("kind") == "valid":
-                valid.append(r)
-            elif r.get("kind") == "update":
-                updates.append(r)
-    return valid, updates
-
-
 def figures(rows, study_dir: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Per block at its reference learning rate (the first seed): the curves (dev BLEU by update and
+    by time, training loss by tokens) and the staleness histograms. Needs matplotlib (MissingExtra)."""
+    plt = pyplot()
     ref = reference_lr(rows)
     blocks = defaultdict(list)
     for r in rows:
@@ -297,31 +280,12 @@ def figures(rows, study_dir: str) -> list[str]:
         seed = min(r["seed"] for r in rs)
         rs = [r for r in rs if r["seed"] == seed]
         methods = _methods_in_order(rs)
-        kind = rs[0]["time_kind"]
+        first = {m: next(r for r in rs if r["method"] == m) for m in methods}
+        runs = [Curves(m, first[m]["_valid"], read_metrics(first[m]["run_dir"])[1]) for m in methods]
         fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
-        for m in methods:
-            r = next(r for r in rs if r["method"] == m)
-            valid, updates = r["_valid"], _records(r["run_dir"])[1]
-            if valid:
-                ax[0].plot([v["update"] for v in valid], [v.get("bleu", math.nan) for v in valid], marker=".", label=m)
-                clock = "vtime" if kind == "virtual" else "time"
-                ax[1].plot([v.get(clock, math.nan) / 3600 for v in valid], [v.get("bleu", math.nan) for v in valid],
-                           marker=".", label=m)
-            if updates:
-                step = max(1, len(updates) // 300)
-                pts = updates[::step]
-                tok, xs = 0, []
-                for u in updates:
-                    tok += u["tokens"]
-                    xs.append(tok)
-                ax[2].plot(xs[::step], [u["loss"] for u in pts], label=m, linewidth=0.8)
-        ax[0].set(xlabel="server updates", ylabel="dev BLEU", title="dev BLEU by update")
-        ax[1].set(xlabel=f"{'virtual' if kind == 'virtual' else 'wall'} hours", ylabel="dev BLEU",
-                  title="dev BLEU by time")
-        ax[2].set(xlabel="target tokens trained on", ylabel="training loss per token", title="training loss")
-        ax[2].set_yscale("log")
-        for a in ax:
-            a.grid(alpha=0.3)
+        metric = dev_metric(runs) or "bleu"
+        for a, (y, x) in zip(ax, ((metric, "update"), (metric, "time"), ("train_loss", "tokens"))):
+            panel(a, runs, y, x)
         ax[0].legend(fontsize=8)
         fig.suptitle(f"{_block_title(pair, variant)}, lr {ref[(pair, variant)]:g}, seed {seed}")
         fig.tight_layout()
@@ -332,8 +296,7 @@ def figures(rows, study_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         width = 0.8 / max(1, len(methods))
         for j, m in enumerate(methods):
-            r = next(r for r in rs if r["method"] == m)
-            hist = {int(k): v for k, v in (r.get("staleness_hist") or {}).items()}
+            hist = {int(k): v for k, v in (first[m].get("staleness_hist") or {}).items()}
             total = sum(hist.values()) or 1
             ks = sorted(hist)[:16]
             ax.bar([k + j * width for k in ks], [hist[k] / total for k in ks], width=width, label=m)
@@ -360,7 +323,7 @@ def write_report(study_dir: str, targets: list[float] | None = None) -> str:
         raise ConfigError(f"{study_dir}: no cell directories (with {CELL}) to report; run pyasgd-study run first")
     rundir.write_json(os.path.join(study_dir, "report.json"),
                       [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows])
-    files = [os.path.basename(s["study_file"]) for s in studies_run(study_dir) if s.get("study_file")]
+    files = list(dict.fromkeys(os.path.basename(s["study_file"]) for s in studies_run(study_dir) if s.get("study_file")))
     title = " + ".join(files) or os.path.basename(os.path.abspath(study_dir))
     counts = defaultdict(int)
     for r in rows:
@@ -369,7 +332,12 @@ def write_report(study_dir: str, targets: list[float] | None = None) -> str:
              "Cells: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())) + ". "
              "Generated by `pyasgd-study report` from the run directories.", ""]
     lines += table_lr(rows) + methods_table(rows, targets) + pairs_table(rows)
-    figs = figures(rows, study_dir) if any(r["status"] == "done" for r in rows) else []
+    figs = []
+    try:
+        figs = figures(rows, study_dir) if any(r["status"] == "done" for r in rows) else []
+    except MissingExtra as e:  # the tables need nothing more; say once why there are no figures
+        lines += [f"No figures: {e}.", ""]
+        print(f"pyasgd-study: report without figures: {e}", file=sys.stderr)
     for name, caption in figs:
         lines += [f"![{caption}]({name})", ""]
     lines += table_cells(rows)

@@ -2,8 +2,9 @@
 Transformer or RNN, label-smoothed loss summed over target tokens, BLEU and chrF with sacrebleu."""
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,14 +17,16 @@ from pyasgd.models import build, model_config_from
 from pyasgd.models.search import beam_search, greedy
 from pyasgd.tasks.base import Cursor, Task
 
+LOG = logging.getLogger("pyasgd")
 SUBWORD_MODEL = "spm.model"     # the run directory's copy of the subword model
 SACREBLEU = "sacrebleu.txt"     # the BLEU and chrF signatures of the final test
 
 
 @torch.no_grad()
 def translate(model: nn.Module, subwords, sentences: list[str], beam: int = 1, alpha: float = 0.6,
-              batch_size: int = 64) -> list[str]:
-    """Detokenized translations of `sentences`, decoding length-sorted batches."""
+              batch_size: int = 64, progress: Callable[[int], None] | None = None) -> list[str]:
+    """Detokenized translations of `sentences`, decoding length-sorted batches; `progress` is
+    told how many sentences are done after each batch."""
     device = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -42,6 +45,8 @@ def translate(model: nn.Module, subwords, sentences: list[str], beam: int = 1, a
             hyps = greedy(model, src, limit) if beam == 1 else beam_search(model, src, beam, limit, alpha)
             for r, i in enumerate(chunk):
                 out[i] = hyps[r]
+            if progress is not None:
+                progress(min(b + batch_size, len(order)))
         return subwords.decode(out)
     finally:
         model.train(was)
@@ -130,13 +135,16 @@ class TranslationTask(Task):
                                reduction="sum", label_smoothing=self.config.label_smoothing)
         return loss, batch.tokens
 
-    def translate(self, model: nn.Module, sentences: list[str]) -> list[str]:
-        return translate(model, self.subwords, sentences, self.config.beam, self.config.length_penalty)
+    def translate(self, model: nn.Module, sentences: list[str], progress: Callable[[int], None] | None = None
+                  ) -> list[str]:
+        return translate(model, self.subwords, sentences, self.config.beam, self.config.length_penalty,
+                         progress=progress)
 
-    def _score(self, model, pairs, signatures: bool = False) -> dict[str, Any]:
+    def _score(self, model, pairs, signatures: bool = False, progress: Callable[[int], None] | None = None
+               ) -> dict[str, Any]:
         from sacrebleu.metrics import BLEU, CHRF
 
-        hyps = self.translate(model, [s for s, _ in pairs])
+        hyps = self.translate(model, [s for s, _ in pairs], progress)
         refs = [[t for _, t in pairs]]
         bleu, chrf = BLEU(), CHRF()  # corpus-level, on detokenized text, sacrebleu's defaults
         out: dict[str, Any] = {"bleu": round(bleu.corpus_score(hyps, refs).score, 3),
@@ -152,13 +160,26 @@ class TranslationTask(Task):
         return {**self._score(model, dev), "loss": round(self.dev_loss(model), 5)}
 
     def final_test(self, model: nn.Module, run_dir: str) -> dict[str, Any]:
+        from pyasgd.trainer.console import Progress
+
         pairs = self.corpus.test or self.corpus.dev  # the signature needs a scored corpus
-        scores = self._score(model, pairs, signatures=True)
+        if self.config.test_sentences:
+            pairs = pairs[:self.config.test_sentences]
+        c = self.config
+        what = "test" if self.corpus.test else "dev (no test set)"
+        LOG.info(f"testing: decoding {len(pairs):,} {what} sentences, "
+                 + ("greedy" if c.beam == 1 else f"beam {c.beam}"))
+        bar = Progress("testing", len(pairs), unit="sent",
+                       line=lambda n: f"testing: {n:,}/{len(pairs):,} sentences decoded")
+        try:
+            scores = self._score(model, pairs, signatures=True, progress=bar.update)
+        finally:
+            bar.close()
         out = {k: scores[k] for k in ("bleu_signature", "chrf_signature")}
         with open(os.path.join(run_dir, SACREBLEU), "w", encoding="utf-8") as f:
             f.write(f"{out['bleu_signature']}\n{out['chrf_signature']}\n")
         if self.corpus.test:
-            out.update(test_bleu=scores["bleu"], test_chrf=scores["chrf"])
+            out.update(test_bleu=scores["bleu"], test_chrf=scores["chrf"], test_sentences=len(pairs))
         return out
 
     def summary_fields(self, best: float | None, time_to_target: dict[str, Any]) -> dict[str, Any]:

@@ -83,10 +83,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {name: getattr(args, name) for name in TrainConfig.field_names() if getattr(args, name) is not None}
     settings: dict = {}
     if given.get("resume"):
-        path = os.path.join(given["resume"], rundir.CONFIG)
-        if not os.path.isfile(path):
-            raise ConfigError(f"--resume: {given['resume']!r} is not a run directory (no {rundir.CONFIG})")
-        settings = rundir.read_json(path)
+        settings = rundir.saved_settings(given["resume"])  # checked: JSON, an object, valid settings
         settings["out"] = given["resume"]
     toml = {k.replace("-", "_"): v for k, v in load_toml(args.config).items()} if args.config else {}
     settings.update(toml)
@@ -138,10 +135,6 @@ def main(argv: list[str] | None = None) -> int:
     keys = ("mode", "workers", "global_accum", "local_accum", "pull_every", "updates", "wps",
             "avg_staleness", "best_valid", "primary_metric", "best_valid_bleu", "test_bleu", "test_chrf",
             "stopped_because", "wall_s")
-    if not config.quiet and summary.get("test_bleu") is not None:
-        print(f"pyasgd-train: dev BLEU {summary['best_valid_bleu']:.2f} (best), test BLEU "
-              f"{summary['test_bleu']:.2f}, {summary['wps']:,.0f} words/s; run directory {summary['run_dir']}",
-              file=sys.stderr)
     print(json.dumps({k: summary.get(k) for k in keys if k in summary}))
     return 0
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
@@ -19,8 +18,9 @@ from pyasgd.config import TrainConfig
 from pyasgd.core import checkpoint
 from pyasgd.core.flat import FlatModel
 from pyasgd.errors import Terminated
-from pyasgd.trainer import rundir
-from pyasgd.trainer.runlog import RunLog
+from pyasgd.trainer import rundir, tboard
+from pyasgd.trainer.console import LOG, Console, Progress
+from pyasgd.trainer.runlog import SHOWN, RunLog
 from pyasgd.trainer.steps import ValidationSchedule, final_test, finish, start_run, validate_last
 from pyasgd.trainer.stops import StopReason, StopRequest
 from pyasgd.trainer.validation import ValidationService, exit_text
@@ -31,18 +31,36 @@ class TrainingError(RuntimeError):
 
 
 def train(config: TrainConfig | dict) -> dict[str, Any]:
-    """Train as `config` says; returns the summary (also written to <run dir>/summary.json)."""
+    """Train as `config` says; returns the summary (also written to <run dir>/summary.json).
+    What the run tells its user goes through the logger "pyasgd" (pyasgd/trainer/console.py)."""
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    with Console(config) as con:
+        try:
+            summary = _train(config, con)
+        except TrainingError as e:  # the caller prints it; train.log keeps it too
+            LOG.error(f"training failed: {e}", extra={"file_only": True})
+            raise
+        LOG.info(summary_line(summary))
+        return summary
+
+
+def _train(config: TrainConfig, con: Console) -> dict[str, Any]:
     from pyasgd.nodes import topology_for
     from pyasgd.tasks import make_task
 
-    if isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
+    resume = rundir.check_resume(config)  # --resume's files, read once and checked before anything is touched
     config.check_devices()
+    tboard.check(config)  # a missing extra fails before the run directory is made
+    LOG.info(f"preparing the {config.task} task" + (" (the corpus and its subword model)"
+                                                     if config.task == "translation" else ""))
     task = make_task(config)  # reads and checks the data before anything is created
     if config.simulate:
         from pyasgd.trainer.simulate import simulate
 
-        return simulate(config, rundir.prepare(config), task)
+        run_dir = rundir.prepare(config)
+        con.attach(run_dir)
+        return simulate(config, run_dir, task, resume)
     topology = topology_for(config)
     topology.join()  # before anything is created: a bad rendezvous leaves nothing behind
     try:
@@ -51,9 +69,31 @@ def train(config: TrainConfig | dict) -> dict[str, Any]:
         except Exception as e:
             topology.tell_stop(f"its run directory: {e}", "")
             raise
-        return Supervisor(config, run_dir, task, topology).run()
+        con.attach(run_dir)
+        return Supervisor(config, run_dir, task, topology, resume).run()
     finally:
         topology.close()
+
+
+def limits_text(c: TrainConfig) -> str:
+    """When the run stops, in words: "480 s" or "2,000 updates or 16 epochs"."""
+    return " or ".join(x for x in (f"{c.max_updates:,} updates" if c.max_updates else "",
+                                   f"{c.max_epochs:g} epochs" if c.max_epochs else "",
+                                   f"{c.max_time:g} s" if c.max_time else "") if x)
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    """The last line of a run: why it stopped, how good, how fast, where."""
+    primary = s.get("primary_metric") or "loss"
+    parts = [f"finished ({s.get('stopped_because')}) after {s.get('updates', 0):,} updates"]
+    if s.get("best_valid") is not None:
+        parts.append(f"best dev {SHOWN.get(primary, primary)} {s['best_valid']:.2f} "
+                     f"(update {s.get('best_valid_update', 0):,})")
+    if s.get("test_bleu") is not None:
+        parts.append(f"test BLEU {s['test_bleu']:.2f}")
+    if s.get("wps"):
+        parts.append(f"{s['wps']:,.0f} words/s")
+    return ", ".join(parts) + f"; run directory {s.get('run_dir')}"
 
 
 class Supervisor:
@@ -61,14 +101,16 @@ class Supervisor:
     region, takes their records, watches their health (replacing dead workers), handles signals,
     and stops everyone in order."""
 
-    def __init__(self, config: TrainConfig, run_dir: str, task, topology) -> None:
+    def __init__(self, config: TrainConfig, run_dir: str, task, topology, resume: dict | None = None) -> None:
         self.config, self.run_dir, self.task, self.topology = config, run_dir, task, topology
+        self.resumed = resume  # the checkpoint rundir.check_resume loaded (None: load_resume reads it)
         # Validation decodes where the run has a GPU (the server's, else the first worker's):
         # on one launcher CPU thread it would take longer than the training it checks.
         devices = [config.server_device, *config.worker_devices()]
         self.eval_device = torch.device(next((d for d in devices if d.startswith("cuda")), "cpu"))
         self.flat = FlatModel(task.build_model().to(self.eval_device))
         self.log = RunLog(run_dir, config, task)
+        tboard.attach(self.log, config, run_dir)
         self.ckpt_path = os.path.join(run_dir, rundir.CHECKPOINT)
         ctx = self.ctx = mp.get_context("spawn")
         self.stop, self.go, self.queue = ctx.Event(), ctx.Event(), ctx.Queue()
@@ -91,16 +133,18 @@ class Supervisor:
         from pyasgd.core.region import SharedRegion, default_slots
 
         c, task, flat, log = self.config, self.task, self.flat, self.log
-        start_run(task, self.run_dir, c.quiet)
+        start_run(task, self.run_dir)
         # The workers own the cores: the launcher validates on one thread, so it does not fight
         # them (torch's idle OpenMP threads spin, which starves the workers on small machines).
         torch.set_num_threads(1)
-        resume = load_resume(self.ckpt_path, flat, log) if c.resume else None
+        resume = load_resume(self.ckpt_path, flat, log, self.resumed) if c.resume else None
         self.last_checkpoint = log.updates if resume is not None else None
         self.region = SharedRegion.create(flat.n, default_slots(c.workers, self.topology.region_G),
                                           pin=self.eval_device.type == "cuda", grad_dtype=GRAD_DTYPES[c.grad_dtype])
         stopped_because, extra, summary, train_end = "", {}, None, None
-        pbar = progress_bar(c, log.updates)
+        pbar = Progress(f"{c.mode} N={c.workers} G={c.G} k={c.local_accum}", c.max_updates or None, log.updates,
+                        line=log.status_line)
+        first_update = log.updates
         previous_term = None
         if threading.current_thread() is threading.main_thread():  # SIGTERM stops the run as Ctrl-C does
             previous_term = signal.signal(signal.SIGTERM, _raise_terminated)
@@ -111,19 +155,24 @@ class Supervisor:
             self.region.publish(flat.params)
             if self.eval_region is not None:  # the average of a resumed run, else the master
                 self.eval_region.publish(resume["server"].get("ema", flat.params) if resume else flat.params)
+            LOG.info(f"starting the server and {c.workers} worker processes"
+                     + (f", resuming from update {log.updates:,}" if resume is not None else ""))
             self._spawn(resume)
             schedule = ValidationSchedule(c, log.updates, log.tokens)
             if c.valid_process and schedule.every:
                 self.validation.start()
             while not stopped_because:
                 stopped_because = self._poll()
-                if pbar is not None:
-                    pbar.update(max(0, log.updates - pbar.n))
-                    pbar.set_postfix(log.postfix(), refresh=False)
+                if self.go.is_set():
+                    pbar.update(log.updates, log.postfix())
+                if first_update is not None and log.updates > first_update:
+                    LOG.info(f"first update applied, {time.monotonic() - self.start:.1f} s after the workers started")
+                    first_update = None
                 if stopped_because:
                     break
                 stopped_because = self.validation.serve(schedule.due(log.updates, log.tokens), evaluated)
                 stopped_because = self._check_health() or stopped_because
+            LOG.info(f"stopping ({stopped_because}) at update {log.updates:,}")
             self._stop(stopped_because)
             train_end = time.monotonic()  # wall_s and wps count training, not the final decoding
             torch.set_num_threads(os.cpu_count() or 1)  # the workers are gone: all cores
@@ -139,8 +188,7 @@ class Supervisor:
         finally:
             if previous_term is not None:
                 signal.signal(signal.SIGTERM, previous_term)
-            if pbar is not None:
-                pbar.close()
+            pbar.close()
             self._reap()
             try:
                 self.region.close()
@@ -212,6 +260,8 @@ class Supervisor:
             # is formed and the parameters are assembled): the clock starts now.
             if self.ready == self.config.workers + self.topology.server_reports_ready:
                 self.go.set()
+                LOG.info(f"all {self.config.workers} workers ready, {time.monotonic() - self.start:.1f} s after "
+                         f"they were started; training until {limits_text(self.config)}")
                 self.start = self.log.t0 = time.monotonic()
         return ""
 
@@ -275,9 +325,8 @@ class Supervisor:
                             "were used; the run stops with its checkpoint")
             return False
         self.log.on_restart(rank, cause)
-        print(f"pyasgd: worker {rank} died ({cause}); starting a replacement "
-              f"({len(self.log.restarts)} of --max-restarts {c.max_restarts})" + (f"\n{tb}" if tb else ""),
-              file=sys.stderr)
+        LOG.warning(f"worker {rank} died ({cause}); starting a replacement "
+                    f"({len(self.log.restarts)} of --max-restarts {c.max_restarts})" + (f"\n{tb}" if tb else ""))
         p.join(1)
         self.procs[rank + 1] = start_worker(self.ctx, rank, go=self.go, **self.common)
         return True
@@ -322,10 +371,11 @@ class Supervisor:
 GRAD_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def load_resume(ckpt_path: str, flat: FlatModel, log: RunLog) -> dict:
-    """The checkpoint to continue from, its parameters loaded into `flat` and its progress into
-    `log` (a shard's owner kept its view of every shard; its server reassembles them)."""
-    resume = checkpoint.load(ckpt_path)
+def load_resume(ckpt_path: str, flat: FlatModel, log: RunLog, state: dict | None = None) -> dict:
+    """The checkpoint to continue from (`state`, already loaded and checked, else read from
+    `ckpt_path`), its parameters loaded into `flat` and its progress into `log` (a shard's owner
+    kept its view of every shard; its server reassembles them)."""
+    resume = state if state is not None else checkpoint.load(ckpt_path)
     flat.params.copy_(resume["view"] if "view" in resume else resume["server"]["params"])
     log.updates = int(resume["server"]["step"])
     log.resume_from(log.updates)
@@ -351,16 +401,6 @@ def finish_run(log: RunLog, run_dir: str, topology, failure: str, stopped_becaus
     if is_global:
         rundir.write_json(os.path.join(run_dir, rundir.SUMMARY), summary)
     return summary
-
-
-def progress_bar(c: TrainConfig, initial: int):
-    """tqdm on stderr, unless --quiet."""
-    if c.quiet:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=c.max_updates or None, initial=initial, unit="upd", file=sys.stderr,
-                dynamic_ncols=True, desc=f"{c.mode} N={c.workers} G={c.G} k={c.local_accum}")
 
 
 def start_worker(ctx, rank: int, **common):

@@ -74,9 +74,22 @@ def parent_gone() -> bool:
 def stop_resource_tracker() -> None:
     """Reap multiprocessing's resource tracker (started by the run's queue and events) so no
     child of ours outlives the launcher. Only for a process that owns every multiprocessing
-    object it made, as pyasgd-train does."""
-    from multiprocessing import resource_tracker
+    object it made, as pyasgd-train does, and only once none of its named semaphores is left:
+    the tracker, stopped, unlinks those it still has as "leaked" (a warning), and each one's own
+    finalizer then fails at exit (a FileNotFoundError traceback each). A failed run's queue and
+    events may still be held (by the exception on its way out): then the tracker is left to exit
+    by itself as this process does, after those finalizers have unregistered them."""
+    import gc
+    from multiprocessing import resource_tracker, synchronize, util
 
     stop = getattr(resource_tracker._resource_tracker, "_stop", None)
-    if stop is not None:
-        stop()
+    if stop is None:
+        return
+    gc.collect()  # a finished run's queue and events, if a reference cycle still holds them
+    registry = getattr(util, "_finalizer_registry", None)
+    if registry is None:
+        return  # cannot tell whether any is left: let the tracker go by itself
+    cleanup = getattr(synchronize.SemLock, "_cleanup", None)
+    if cleanup is None or any(getattr(f, "_callback", None) is cleanup for f in list(registry.values())):
+        return
+    stop()

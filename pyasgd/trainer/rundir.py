@@ -16,6 +16,8 @@ SUMMARY = "summary.json"
 PREV_SUMMARY = "summary.prev.json"
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
+TRAIN_LOG = "train.log"  # what the run told its user (pyasgd/trainer/console.py)
+TENSORBOARD = "tb"  # --tensorboard's event files
 
 
 def prepare(config: TrainConfig, tag: str = "") -> str:
@@ -42,6 +44,47 @@ def prepare(config: TrainConfig, tag: str = "") -> str:
         os.makedirs(d, exist_ok=True)
     write_json(os.path.join(d, CONFIG), config.to_dict())
     return d
+
+
+def check_resume(config: TrainConfig) -> dict | None:
+    """What --resume will read, checked before anything in the run directory is touched (before
+    prepare() moves summary.json or rewrites config.json, before any process or shared region):
+    its config.json (JSON, an object, settings TrainConfig takes) and its checkpoint.pt, whole
+    and pyasgd's. Returns the loaded checkpoint (so it is read once), or None without --resume;
+    raises ConfigError (CheckpointError for the checkpoint), one line naming the file."""
+    if not config.resume:
+        return None
+    from pyasgd.core import checkpoint
+
+    d = config.resume
+    saved_settings(d)
+    path = os.path.join(d, CHECKPOINT)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--resume: {d!r} has no {CHECKPOINT} to continue from")
+    return checkpoint.load_checked(path, "sim" if config.simulate else "train", context="--resume: ")
+
+
+def saved_settings(d: str, context: str = "--resume: ") -> dict:
+    """The settings in run directory `d`'s config.json, checked: JSON, an object, settings
+    TrainConfig takes (else ConfigError, one line, after `context`)."""
+    path = os.path.join(d, CONFIG)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{context}{d!r} is not a run directory (no {CONFIG})")
+    try:
+        saved = read_json(path)
+    except OSError as e:
+        raise ConfigError(f"{context}{path} cannot be read: {e.strerror or e}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{context}{path} is not a run's settings (not JSON: {e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{context}{path} is not a run's settings (a JSON {type(saved).__name__}, "
+                          f"not an object)")
+    try:
+        TrainConfig.from_dict(saved, source=path)
+    except ConfigError as e:
+        text = str(e).removeprefix(f"{path}: ")
+        raise ConfigError(f"{context}{path} does not hold settings pyasgd-train takes: {text}") from None
+    return saved
 
 
 def read_json(path: str):

@@ -4,12 +4,16 @@ summary. It knows no task's metrics: the task names its primary metric and adds 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
 from typing import Any, Callable
 
 from pyasgd.trainer import rundir
+
+LOG = logging.getLogger("pyasgd")
+SHOWN = {"bleu": "BLEU", "chrf": "chrF"}  # metric names as the progress lines write them
 
 # The summary fields DESIGN.md promises in every summary.json; a task that does not measure one
 # (the synthetic task has no BLEU) writes null.
@@ -138,7 +142,9 @@ class RunLog:
         rec = {"kind": "valid", "update": update, **at, **metrics}
         self.write(rec)
         self._f.flush()  # a validation is worth seeing at once (tail -f, a study's progress)
-        return self._count_valid(rec)
+        better = self._count_valid(rec)
+        LOG.info(self.valid_line(rec))
+        return better
 
     def _count_valid(self, rec: dict[str, Any]) -> bool:
         """Account for a validation record (its metrics are among its fields)."""
@@ -240,6 +246,33 @@ class RunLog:
         if self.valid:
             out[self.task.primary] = f"{self.valid[-1][self.task.primary]:.3f}"
         return out
+
+    def status_line(self, updates: int | None = None) -> str:
+        """One progress line: where the run is, how fast, how stale, how good."""
+        n = self.updates if updates is None else updates
+        total = self.config.max_updates
+        parts = [f"update {n:,}" + (f"/{total:,}" if total else "")]
+        e = self.epochs()
+        if e is not None:
+            parts.append(f"epoch {e:.2f}")
+        p = self.postfix()
+        if "loss" in p:
+            parts.append(f"loss {p['loss']}")
+        parts.append(f"{self.tokens / max(self.elapsed, 1e-9):,.0f} words/s")
+        if "stale" in p:
+            parts.append(f"staleness {p['stale']}")
+        if self.valid:
+            parts.append(f"dev {SHOWN.get(self.task.primary, self.task.primary)} "
+                         f"{self.valid[-1][self.task.primary]:.2f}")
+        return ", ".join(parts)
+
+    def valid_line(self, rec: dict[str, Any]) -> str:
+        """One line for a validation record (after it was counted)."""
+        metrics = [f"{SHOWN.get(k, k)} {rec[k]:.2f}" for k in (self.task.primary, "chrf", "loss", "accuracy")
+                   if isinstance(rec.get(k), (int, float)) and not isinstance(rec.get(k), bool)]
+        best = (f"best {self.best:.2f} at update {self.best_update:,}" if self.best is not None else "")
+        return f"validation at update {rec['update']:,}: dev " + ", ".join(dict.fromkeys(metrics)) + (
+            f" ({best})" if best else "")
 
     def summary(self, *, stopped_because: str, wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
         c = self.config

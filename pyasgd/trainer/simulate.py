@@ -28,10 +28,11 @@ from typing import Any
 import torch
 
 from pyasgd.core import checkpoint
-from pyasgd.trainer import rundir
+from pyasgd.trainer import rundir, tboard
 from pyasgd.config import TrainConfig
 from pyasgd.core.flat import FlatModel
 from pyasgd.trainer.steps import ValidationSchedule, final_test, finish, local_gradient, start_run, validate, validate_last
+from pyasgd.trainer.console import LOG, Progress
 from pyasgd.trainer.runlog import RunLog
 from pyasgd.trainer.stops import StopReason
 from pyasgd.trainer.update import Applied, UpdateBook, Updater
@@ -49,13 +50,14 @@ class VirtualWorker:
 
 
 class Simulation:
-    def __init__(self, config: TrainConfig, run_dir: str, task) -> None:
+    def __init__(self, config: TrainConfig, run_dir: str, task, resume: dict | None = None) -> None:
         c = self.config = config
         self.run_dir, self.task = run_dir, task
         self.sync = c.mode == "sync"
         torch.manual_seed(c.seed)
         self.flat = FlatModel(task.build_model())
         self.log = RunLog(run_dir, c, task)
+        tboard.attach(self.log, c, run_dir)
         self.up = Updater(c, self.flat.params)
         self.published = self.up.master.clone()
         self.version = 0
@@ -65,7 +67,7 @@ class Simulation:
         self.rr = 0  # next worker in round-robin order
         self.ckpt_path = os.path.join(run_dir, rundir.CHECKPOINT)
         if c.resume:
-            self.load()
+            self.load(resume)
         self.data = [task.batches(i, c.workers, w.cursor) for i, w in enumerate(self.vws)]
         for i in range(c.workers):
             self.begin(i, 0.0, fresh=not c.resume)
@@ -82,8 +84,9 @@ class Simulation:
             "log": self.log.progress(),
             "order_rng": self.order.get_state(), "torch_rng": torch.get_rng_state()}}, self.ckpt_path)
 
-    def load(self) -> None:
-        st = checkpoint.load(self.ckpt_path)
+    def load(self, st: dict | None = None) -> None:
+        """Continue from the checkpoint `st` (rundir.check_resume loaded and checked it), else the run's."""
+        st = st if st is not None else checkpoint.load(self.ckpt_path)
         self.up.load_state_dict(st["server"])
         sim = st["sim"]
         self.published.copy_(sim["published"])
@@ -99,6 +102,7 @@ class Simulation:
         self.log.updates = self.up.step
         self.log.resume_from(self.up.step)
         self.log.restore(sim.get("log"), clocks=True)
+        st.clear()  # all copied in: the caller's reference (pyasgd.train's) must not keep it through the run
 
     # -- the virtual workers and their clock ------------------------------------------------------
     def begin(self, i: int, now: float, fresh: bool = True) -> None:
@@ -156,11 +160,30 @@ class Simulation:
 
     def _run(self) -> dict[str, Any]:
         c, up, log = self.config, self.up, self.log
-        start_run(self.task, self.run_dir, c.quiet)
+        start_run(self.task, self.run_dir)
         t0 = log.t0  # restored by a resume: the clocks go on
         pending: list[tuple[torch.Tensor, int, int, float, int]] = []  # grad, version, tokens, loss, worker
         schedule = ValidationSchedule(c, up.step, log.tokens)
         book = UpdateBook(c, up, sink=log.on_update, save=self.save, t0=t0)
+        LOG.info(f"simulating {c.workers} virtual workers in one process"
+                 + (f", resuming from update {up.step:,}" if c.resume else ""))
+        bar = Progress(f"sim {c.mode} N={c.workers} G={c.G} k={c.local_accum}", c.max_updates or None, up.step,
+                       line=log.status_line)
+        try:
+            stopped_because = self._loop(pending, schedule, book, bar)
+        finally:
+            bar.close()
+        LOG.info(f"stopping ({stopped_because}) at update {up.step:,}")
+        self.save()
+        wall = log.elapsed
+        self.flat.params.copy_(self.up.eval_params())
+        validate_last(self.task, self.flat, log, self.run_dir, up.step, self.version)
+        return finish(log, self.run_dir, stopped_because=stopped_because, wall_s=wall,
+                      extra=final_test(self.task, self.flat, self.run_dir))
+
+    def _loop(self, pending: list, schedule: ValidationSchedule, book: UpdateBook, bar: Progress) -> str:
+        """Serve arrivals until the run must stop; returns why."""
+        c, up, log = self.config, self.up, self.log
         stopped_because = ""
         while not stopped_because:
             i = self.next_worker()
@@ -190,13 +213,9 @@ class Simulation:
                 stopped_because = stopped_because or StopReason.MAX_EPOCHS
             if c.max_time and log.elapsed >= c.max_time:
                 stopped_because = stopped_because or StopReason.MAX_TIME
-        self.save()
-        wall = log.elapsed
-        self.flat.params.copy_(self.up.eval_params())
-        validate_last(self.task, self.flat, log, self.run_dir, up.step, self.version)
-        return finish(log, self.run_dir, stopped_because=stopped_because, wall_s=wall,
-                      extra=final_test(self.task, self.flat, self.run_dir))
+            bar.update(up.step, log.postfix())
+        return stopped_because
 
 
-def simulate(config: TrainConfig, run_dir: str, task) -> dict[str, Any]:
-    return Simulation(config, run_dir, task).run()
+def simulate(config: TrainConfig, run_dir: str, task, resume: dict | None = None) -> dict[str, Any]:
+    return Simulation(config, run_dir, task, resume).run()

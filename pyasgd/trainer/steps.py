@@ -4,9 +4,9 @@ run validations on a snapshot of the published parameters, test the best paramet
 and write the summary."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
-import sys
 from typing import Any, Iterator
 
 import torch
@@ -16,12 +16,14 @@ from pyasgd.trainer import rundir
 from pyasgd.core.flat import FlatModel
 from pyasgd.trainer.runlog import RunLog
 
+LOG = logging.getLogger("pyasgd")
 
-def start_run(task, run_dir: str, quiet: bool) -> None:
+
+def start_run(task, run_dir: str) -> None:
     """Say what is being trained, and keep what the run directory needs to stand alone."""
     line = task.describe()
-    if line and not quiet:
-        print(f"pyasgd: {line}", file=sys.stderr)
+    if line:
+        LOG.info(line)
     for name, path in task.artifacts().items():
         shutil.copyfile(path, os.path.join(run_dir, name))
 
@@ -91,14 +93,21 @@ def validate(task, flat: FlatModel, log: RunLog, run_dir: str, update: int, vers
 def validate_last(task, flat: FlatModel, log: RunLog, run_dir: str, update: int, version: int | None) -> None:
     """Validate the final parameters unless the last validation already saw them."""
     if not log.valid or log.valid[-1]["update"] != update:
+        LOG.info(f"validating the final parameters (update {update:,})")
         validate(task, flat, log, run_dir, update, version)
 
 
 def final_test(task, flat: FlatModel, run_dir: str) -> dict[str, Any]:
-    """The task's test fields for the best validated parameters (else the last ones)."""
+    """The task's test fields for the best validated parameters (else the last ones); nothing
+    with --no-test."""
+    if not task.config.test:
+        LOG.info("no final test (--no-test)")
+        return {}
     best = os.path.join(run_dir, rundir.BEST)
     if os.path.exists(best):
-        flat.params.copy_(checkpoint.load(best)["params"])
+        saved = checkpoint.load(best)
+        flat.params.copy_(saved["params"])
+        LOG.debug(f"the test uses the best parameters, of update {int(saved.get('update', 0)):,}")
     return task.final_test(flat.model, run_dir)
 
 
