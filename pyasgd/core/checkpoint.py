@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pyasgd.errors import CheckpointError
+from pyasgd.errors import CheckpointError, write_failure
 
 ZIP_START, ZIP_END = b"PK\x03\x04", b"PK\x05\x06"  # torch.save writes a zip archive; its end record
 # What each kind of checkpoint holds (what the code that resumes or decodes from it reads):
@@ -23,24 +23,29 @@ KINDS = ("train", "sim", "best", "any")
 
 
 def save_atomic(obj: dict[str, Any], path: str) -> None:
+    """Write `obj` to `path` atomically. A failed write (a full disk) removes its temporary file,
+    leaves the previous `path` whole and raises SaveError, one line naming the file and why."""
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
         dfd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dfd)  # the rename itself is durable
         finally:
             os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
+    except (OSError, RuntimeError) as e:
+        raise write_failure(path, e) from e
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
 
 
 def load(path: str) -> dict[str, Any]:

@@ -103,10 +103,16 @@ def expand(spec: dict[str, Any], root: str, source: str = "study") -> list[Cell]
     for key in spec:
         if key not in known:
             raise StudyError(f"{source}: unknown table [{key}]; a study file has {', '.join(sorted(known))}")
+    for key in ("study", "base", "grid", "methods", "pairs"):
+        if not isinstance(spec.get(key, {}), dict):
+            raise StudyError(f"{source}: {key} must be a table ([{key}]), not a {type(spec[key]).__name__}")
     base = dict(spec.get("base", {}))
     for key in AXES[:2]:
         if key in base:
             raise StudyError(f"{source}: [base] {key}: give it in [grid] (a list)")
+    for name, m in spec.get("methods", {}).items():
+        if not isinstance(m, dict):
+            raise StudyError(f"{source}: [methods.{name}] must be a table of settings")
     methods = {**METHODS, **{k: dict(v) for k, v in spec.get("methods", {}).items()}}
     pairs = {"bundled": {}, **_pairs(spec.get("pairs", {}), root, source)}
     if "grid" in spec and "grids" in spec:
@@ -126,6 +132,10 @@ def expand(spec: dict[str, Any], root: str, source: str = "study") -> list[Cell]
                 raise StudyError(f"{source}: {where} {key}: not a setting of pyasgd-train nor one of {', '.join(AXES)}")
             if not values:
                 raise StudyError(f"{source}: {where} {key}: give at least one value")
+            if not all(isinstance(v, (str, int, float, bool)) for v in values):
+                raise StudyError(f"{source}: {where} {key}: give a list of values (strings, numbers or booleans)")
+            if key in ("method", "pair") and not all(isinstance(v, str) for v in values):
+                raise StudyError(f"{source}: {where} {key}: give a list of names (strings)")
         axes.setdefault("method", ["async-globalN"])
         axes.setdefault("pair", ["bundled"])
         for m in axes["method"]:
@@ -169,6 +179,8 @@ def _pairs(pairs: dict[str, Any], root: str, source: str) -> dict[str, dict[str,
                 raise StudyError(f"{source}: [pairs.{name}] {key}: missing (a pair needs {', '.join(PAIR_FILES[:4])})")
         resolved = {}
         for key, path in files.items():
+            if not isinstance(path, str) or not path:
+                raise StudyError(f"{source}: [pairs.{name}] {key}: give a file path (a string)")
             full = path if os.path.isabs(path) else os.path.join(root, path)
             if not os.path.isfile(full):
                 raise StudyError(f"{source}: [pairs.{name}] {key}: no such file {full}"
@@ -286,6 +298,9 @@ def stop_cells(timeout: float = 300.0) -> None:
 def run_cell(cell: Cell, run_dir: str, threads: int = 0) -> tuple[bool, str]:
     """Train one cell in its own process (a crash or a leak stays there): resumed from its
     checkpoint where a previous try left one, else from the start."""
+    pid = rundir.holder(run_dir)
+    if pid is not None:  # another study, or a pyasgd-train, is running it: touch nothing
+        return False, f"{run_dir} is in use by another run (pid {pid}); not started"
     status = cell_status(run_dir)
     resumable = os.path.isfile(os.path.join(run_dir, rundir.CHECKPOINT)) and \
         os.path.isfile(os.path.join(run_dir, rundir.CONFIG))

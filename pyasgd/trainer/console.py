@@ -63,6 +63,18 @@ class _Early(logging.Handler):
         self.records.append(record)
 
 
+class _File(logging.FileHandler):
+    """train.log. A write that fails (a full disk) is not logging's traceback on stderr: the
+    handler says once on stderr that train.log stops there, and drops out (the run itself
+    stops on its next checkpoint or metrics record, saying what filled up)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        LOG.removeHandler(self)
+        err = sys.exc_info()[1]
+        why = getattr(err, "strerror", None) or str(err)
+        LOG.warning(f"{self.baseFilename}: cannot write ({why}); what follows goes to stderr only")
+
+
 class Console:
     """The logging of one run: a stderr handler now, train.log once the run directory is known."""
 
@@ -88,7 +100,7 @@ class Console:
         before it existed."""
         if self.file is not None:
             return
-        self.file = logging.FileHandler(os.path.join(run_dir, rundir.TRAIN_LOG), encoding="utf-8")
+        self.file = _File(os.path.join(run_dir, rundir.TRAIN_LOG), encoding="utf-8")
         self.file.setLevel(logging.INFO)
         self.file.setFormatter(logging.Formatter(FORMAT, DATEFMT))
         if self.early is not None:
@@ -103,7 +115,10 @@ class Console:
         for h in (self.stderr, self.early, self.file):
             if h is not None:
                 LOG.removeHandler(h)
-                h.close()
+                try:
+                    h.close()
+                except OSError:  # train.log on a full disk: _File said so already
+                    pass
         LOG.setLevel(self._saved[0])
         LOG.propagate = self._saved[1]
         if _active is self:

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from pyasgd.config import TrainConfig
 from pyasgd.core import checkpoint
 from pyasgd.core.flat import FlatModel
-from pyasgd.errors import Terminated
+from pyasgd.errors import SaveError, Terminated
 from pyasgd.trainer import rundir, tboard
 from pyasgd.trainer.console import LOG, Console, Progress
 from pyasgd.trainer.runlog import SHOWN, RunLog
@@ -37,7 +37,11 @@ def train(config: TrainConfig | dict) -> dict[str, Any]:
         config = TrainConfig.from_dict(config)
     with Console(config) as con:
         try:
-            summary = _train(config, con)
+            try:
+                summary = _train(config, con)
+            except SaveError as e:  # the simulator's or the launcher's own files: a full disk
+                raise TrainingError(f"{e}; the last checkpoint written is whole: free space, then continue "
+                                    f"with: pyasgd-train --resume {config.resume or config.out or 'RUN_DIR'}") from None
         except TrainingError as e:  # the caller prints it; train.log keeps it too
             LOG.error(f"training failed: {e}", extra={"file_only": True})
             raise
@@ -59,8 +63,11 @@ def _train(config: TrainConfig, con: Console) -> dict[str, Any]:
         from pyasgd.trainer.simulate import simulate
 
         run_dir = rundir.prepare(config)
-        con.attach(run_dir)
-        return simulate(config, run_dir, task, resume)
+        try:
+            con.attach(run_dir)
+            return simulate(config, run_dir, task, resume)
+        finally:
+            rundir.release(run_dir)
     topology = topology_for(config)
     topology.join()  # before anything is created: a bad rendezvous leaves nothing behind
     try:
@@ -69,8 +76,11 @@ def _train(config: TrainConfig, con: Console) -> dict[str, Any]:
         except Exception as e:
             topology.tell_stop(f"its run directory: {e}", "")
             raise
-        con.attach(run_dir)
-        return Supervisor(config, run_dir, task, topology, resume).run()
+        try:
+            con.attach(run_dir)
+            return Supervisor(config, run_dir, task, topology, resume).run()
+        finally:
+            rundir.release(run_dir)
     finally:
         topology.close()
 
@@ -240,6 +250,11 @@ class Supervisor:
             if r["process"] == "server" and "NodeLostError" in r["traceback"]:
                 self.failure = self.failure or (f"{self.topology.loss_text()}; this node stopped with its checkpoint "
                                                 f"(node {self.config.node_rank}'s server):\n{r['traceback']}")
+                return StopReason.FAILED
+            if r.get("message"):  # a SaveError: one line, and what the user can do
+                self.failure = self.failure or (f"the {r['process']} stopped: {r['message']}; the last checkpoint "
+                                                f"written is whole: free space, then continue with: "
+                                                f"pyasgd-train --resume {self.run_dir}")
                 return StopReason.FAILED
             self.failure = self.failure or f"{r['process']} failed:\n{r['traceback']}"
             return StopReason.FAILED

@@ -54,10 +54,14 @@ def run_reporting(queue, process: str, body, *args, **record) -> None:
     name, its traceback, any extra fields such as the worker's rank) and exit 1."""
     import traceback
 
+    from pyasgd.errors import SaveError
+
     try:
         body(*args)
-    except Exception:
-        queue.put({"kind": "error", "process": process, **record, "traceback": traceback.format_exc()})
+    except Exception as e:
+        # a SaveError (a full disk) is the user's to fix: its one line is what the launcher reports
+        said = {"message": str(e)} if isinstance(e, SaveError) else {}
+        queue.put({"kind": "error", "process": process, **record, **said, "traceback": traceback.format_exc()})
         raise SystemExit(1)
 
 

@@ -3,6 +3,7 @@
 Every file name of a run directory is defined here."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -18,32 +19,102 @@ CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
 TRAIN_LOG = "train.log"  # what the run told its user (pyasgd/trainer/console.py)
 TENSORBOARD = "tb"  # --tensorboard's event files
+LOCK = ".lock"  # flock-ed by the process whose run uses the directory (lock())
 
 
 def prepare(config: TrainConfig, tag: str = "") -> str:
     """The run directory: a resumed one (checked against the config it ran with) or a new one,
-    default runs/<timestamp>-<mode><tag> (the topology's tag: nodes may share a filesystem)."""
+    default runs/<timestamp>-<mode><tag> (the topology's tag: nodes may share a filesystem).
+    It is locked for this process (release() or the process's end lets it go): a second run, a
+    resume or a study cell on a directory in use is refused, naming the pid that holds it."""
     if config.resume:
         d = config.resume
         if not os.path.isfile(os.path.join(d, CONFIG)):
             raise ConfigError(f"--resume: {d!r} is not a run directory (no {CONFIG})")
-        if not os.path.isfile(os.path.join(d, CHECKPOINT)):
-            raise ConfigError(f"--resume: {d!r} has no {CHECKPOINT} to continue from")
-        saved = read_json(os.path.join(d, CONFIG))
-        for name in resume_fixed_fields():
-            if name in saved and saved[name] != getattr(config, name):
-                raise ConfigError(f"--resume: --{name.replace('_', '-')} is {getattr(config, name)!r} but the run "
-                                  f"in {d} used {saved[name]!r}; a resumed run must keep it")
+        lock(d, "--resume")  # before anything in it is touched
+        try:
+            if not os.path.isfile(os.path.join(d, CHECKPOINT)):
+                raise ConfigError(f"--resume: {d!r} has no {CHECKPOINT} to continue from")
+            saved = read_json(os.path.join(d, CONFIG))
+            for name in resume_fixed_fields():
+                if name in saved and saved[name] != getattr(config, name):
+                    raise ConfigError(f"--resume: --{name.replace('_', '-')} is {getattr(config, name)!r} but the "
+                                      f"run in {d} used {saved[name]!r}; a resumed run must keep it")
+        except BaseException:
+            release(d)
+            raise
         if os.path.exists(os.path.join(d, SUMMARY)):
             os.replace(os.path.join(d, SUMMARY), os.path.join(d, PREV_SUMMARY))
     else:
         d = config.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.mode}{tag}")
-        if os.path.exists(os.path.join(d, CONFIG)):
-            raise ConfigError(f"--out: {d!r} already holds a run; pass --resume {d} to continue it, "
-                              f"or choose another --out")
-        os.makedirs(d, exist_ok=True)
+        for attempt in (0, 1):  # again under the lock: another run may have started meanwhile
+            if os.path.exists(os.path.join(d, CONFIG)):
+                release(d)
+                pid = holder(d)
+                if pid is not None:
+                    raise ConfigError(f"--out: {d!r} is in use by another run (pid {pid}); wait for it to end, "
+                                      f"or choose another --out")
+                raise ConfigError(f"--out: {d!r} already holds a run; pass --resume {d} to continue it, "
+                                  f"or choose another --out")
+            if attempt == 0:
+                os.makedirs(d, exist_ok=True)
+                lock(d, "--out")
     write_json(os.path.join(d, CONFIG), config.to_dict())
     return d
+
+
+_held: dict[str, int] = {}  # run directory (real path) -> the descriptor of its lock, held by this process
+
+
+def lock(d: str, option: str) -> None:
+    """Hold run directory `d` for this process: an exclusive flock on d/.lock, which the kernel
+    releases when the process ends however it ends (SIGKILL included), so a lock is never stale.
+    ConfigError, naming the holder's pid, when another process holds it."""
+    key = os.path.realpath(d)
+    if key in _held:
+        return
+    fd = os.open(os.path.join(d, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _pid_in(fd)
+        os.close(fd)
+        raise ConfigError(f"{option}: {d!r} is in use by another run (pid {pid if pid is not None else '?'}); "
+                          "wait for it to end, or choose another directory") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held[key] = fd
+
+
+def release(d: str) -> None:
+    """Let run directory `d` go (the lock file stays: removing it would race with a new holder)."""
+    fd = _held.pop(os.path.realpath(d), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def holder(d: str) -> int | None:
+    """The pid of the process that holds run directory `d`, or None when none does."""
+    try:
+        fd = os.open(os.path.join(d, LOCK), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _pid_in(fd)
+            return pid if pid is not None else -1
+        return None
+    finally:
+        os.close(fd)
+
+
+def _pid_in(fd: int) -> int | None:
+    try:
+        return int(os.pread(fd, 32, 0).decode().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def check_resume(config: TrainConfig) -> dict | None:
@@ -58,6 +129,9 @@ def check_resume(config: TrainConfig) -> dict | None:
 
     d = config.resume
     saved_settings(d)
+    pid = holder(d)
+    if pid is not None:
+        raise ConfigError(f"--resume: {d!r} is in use by another run (pid {pid}); wait for it to end")
     path = os.path.join(d, CHECKPOINT)
     if not os.path.isfile(path):
         raise ConfigError(f"--resume: {d!r} has no {CHECKPOINT} to continue from")

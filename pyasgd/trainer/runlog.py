@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from typing import Any, Callable
 
+from pyasgd.errors import write_failure
 from pyasgd.trainer import rundir
 
 LOG = logging.getLogger("pyasgd")
@@ -63,7 +64,10 @@ class RunLog:
 
     # -- records ------------------------------------------------------------------------------
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        try:
+            self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        except OSError as e:  # a full disk: the run stops, saying so in one line
+            raise write_failure(self._f.name, e) from e
         for sink in self.sinks:
             sink(record)
 
@@ -141,7 +145,10 @@ class RunLog:
         at = at or self.snapshot()
         rec = {"kind": "valid", "update": update, **at, **metrics}
         self.write(rec)
-        self._f.flush()  # a validation is worth seeing at once (tail -f, a study's progress)
+        try:
+            self._f.flush()  # a validation is worth seeing at once (tail -f, a study's progress)
+        except OSError as e:
+            raise write_failure(self._f.name, e) from e
         better = self._count_valid(rec)
         LOG.info(self.valid_line(rec))
         return better
@@ -312,7 +319,14 @@ class RunLog:
         return s
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:
+            raise write_failure(self._f.name, e) from e
+        finally:
+            self._close_sinks()
+
+    def _close_sinks(self) -> None:
         for sink in self.sinks:
             close = getattr(sink, "close", None)
             if close is not None:
