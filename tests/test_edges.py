@@ -44,6 +44,14 @@ def _read(path) -> str:
         return f.read()
 
 
+def wait_for_file(path, p, timeout=120):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert p.poll() is None, p.communicate()[1][-2000:]
+        assert time.time() < deadline, f"no {path} within {timeout} s"
+        time.sleep(0.05)
+
+
 def hashes(d) -> dict[str, bytes]:
     import hashlib
 
@@ -62,9 +70,8 @@ def test_a_directory_in_use_refuses_a_second_run_and_a_resume_naming_the_pid(tmp
     holder = start(*SIM, "--max-updates", "1000000", "--max-time", "0", "--save-every", "20", "--out", out)
     try:
         wait_for_updates(out, holder)
-        while not (out / "checkpoint.pt").exists():
-            time.sleep(0.1)
-        before = {n: h for n, h in hashes(out).items() if n not in ("metrics.jsonl", "checkpoint.pt", "train.log")}
+        wait_for_file(out / "checkpoint.pt", holder)
+        before = {n: h for n, h in hashes(out).items() if n in ("config.json", ".lock")}
         for args in (["--out", out, *SIM, "--max-updates", "5"], ["--resume", out, "--max-updates", "5"]):
             r = cli(*args)
             assert r.returncode == 2, r.stderr
@@ -84,8 +91,7 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "run"
     holder = start(*SIM, "--max-updates", "1000000", "--max-time", "0", "--save-every", "10", "--out", out)
     wait_for_updates(out, holder)
-    while not (out / "checkpoint.pt").exists():
-        time.sleep(0.1)
+    wait_for_file(out / "checkpoint.pt", holder)
     holder.kill()
     holder.communicate(timeout=60)
     assert (out / ".lock").read_text().strip() == str(holder.pid)  # the file stays, the lock does not
@@ -145,6 +151,9 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_stops_in_one
     assert int(state["server"]["step"]) == 10  # the first checkpoint, whole
     assert not [n for n in os.listdir(out) if n.startswith(".tmp-")] and not (out / "summary.json").exists()
     assert "cannot write" in (out / "train.log").read_text()
+    from pyasgd.trainer import rundir
+
+    assert rundir.holder(str(out)) is None  # the failed run let its directory go
 
 
 def _mount_tmpfs(path, size: str) -> bool:
@@ -171,9 +180,7 @@ def test_a_real_run_on_a_disk_that_fills_up_stops_in_one_line_and_leaves_nothing
         try:
             wait_for_updates(out, p)
             kids = children(p.pid)
-            while not (out / "checkpoint.pt").exists():
-                assert p.poll() is None, p.communicate()[1]
-                time.sleep(0.05)
+            wait_for_file(out / "checkpoint.pt", p)
             free = shutil.disk_usage(disk).free
             with open(disk / "filler", "wb") as f:
                 f.write(b"\0" * max(0, free - 4096))

@@ -4,6 +4,8 @@ two buffers), the learning-rate schedule, early stopping, and refusing a resume 
 settings changed."""
 import types
 
+import os
+
 import pytest
 import torch
 
@@ -259,6 +261,9 @@ def test_resume_refuses_a_changed_fixed_setting(tmp_path, run_main):
         with pytest.raises(ConfigError, match=rf"--{field.replace('_', '-')} is {value}.*must keep it"):
             rundir.prepare(again.replace(**{field: value}))
     assert rundir.prepare(again.replace(lr=0.02)) == c.out  # an ordinary setting may change
+    assert rundir.holder(c.out) == os.getpid()  # prepare holds the run directory for this process
+    rundir.release(c.out)
+    assert rundir.holder(c.out) is None
     r = run_main(main, "--resume", c.out, "--workers", "3", "--quiet")
     assert r.returncode == 2 and "--workers is 3" in r.stderr
 
@@ -271,6 +276,7 @@ def test_each_node_gets_its_own_default_run_directory(tmp_path, monkeypatch):
 
     configs = [TrainConfig(task="synthetic", mode="async", nnodes=2, node_rank=r, master_port=29500, max_updates=1) for r in (0, 1)]
     dirs = [rundir.prepare(c, topology_for(c).run_tag) for c in configs]
+    rundir.release_all()
     assert [d.endswith(f"-async-node{r}") for r, d in enumerate(dirs)] == [True, True]
     assert dirs[0] != dirs[1] and all((tmp_path / d / "config.json").is_file() for d in dirs)
     one = TrainConfig(task="synthetic", max_updates=1)

@@ -42,10 +42,21 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
         finally:
             os.close(dfd)
     except (OSError, RuntimeError) as e:
+        if not _os_error_in(e):  # not the disk's doing (a CUDA error, say): as it was
+            raise
         raise write_failure(path, e) from e
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _os_error_in(e: BaseException | None) -> bool:
+    """Whether an OSError is `e` or in its chain (torch.save wraps the file's error)."""
+    while e is not None:
+        if isinstance(e, OSError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def load(path: str) -> dict[str, Any]:

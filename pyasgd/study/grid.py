@@ -298,9 +298,21 @@ def stop_cells(timeout: float = 300.0) -> None:
 def run_cell(cell: Cell, run_dir: str, threads: int = 0) -> tuple[bool, str]:
     """Train one cell in its own process (a crash or a leak stays there): resumed from its
     checkpoint where a previous try left one, else from the start."""
-    pid = rundir.holder(run_dir)
-    if pid is not None:  # another study, or a pyasgd-train, is running it: touch nothing
-        return False, f"{run_dir} is in use by another run (pid {pid}); not started"
+    if os.path.isdir(run_dir):  # held while it is looked at, cleared and written: a run in it is not deleted
+        try:
+            rundir.lock(run_dir, "cell")
+        except ConfigError as e:  # another study, or a pyasgd-train, is running it: touch nothing
+            return False, f"{e}; not started"
+    try:
+        argv = _prepare_cell(cell, run_dir)
+    finally:
+        rundir.release(run_dir)  # the cell's own pyasgd-train takes it
+    return _run_cell_process(run_dir, argv, threads)
+
+
+def _prepare_cell(cell: Cell, run_dir: str) -> list[str]:
+    """The cell's directory made ready (a try that left nothing to continue from is cleared), and
+    pyasgd-train's arguments for it."""
     status = cell_status(run_dir)
     resumable = os.path.isfile(os.path.join(run_dir, rundir.CHECKPOINT)) and \
         os.path.isfile(os.path.join(run_dir, rundir.CONFIG))
@@ -312,10 +324,14 @@ def run_cell(cell: Cell, run_dir: str, threads: int = 0) -> tuple[bool, str]:
     rundir.write_json(os.path.join(run_dir, CELL), cell.describe())
     cfg_path = os.path.join(run_dir, "cell.toml")
     if resumable:
-        argv = ["--resume", run_dir, "--quiet"]
-    else:
-        _write_toml(cfg_path, {**cell.settings, "out": run_dir})
-        argv = ["--config", cfg_path]
+        return ["--resume", run_dir, "--quiet"]
+    _write_toml(cfg_path, {**cell.settings, "out": run_dir})
+    return ["--config", cfg_path]
+
+
+def _run_cell_process(run_dir: str, argv: list[str], threads: int) -> tuple[bool, str]:
+    """Run the cell's pyasgd-train; (finished, its result line or why it failed)."""
+    resumable = argv[0] == "--resume"
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)

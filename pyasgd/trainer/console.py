@@ -69,8 +69,11 @@ class _File(logging.FileHandler):
     stops on its next checkpoint or metrics record, saying what filled up)."""
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
-        LOG.removeHandler(self)
         err = sys.exc_info()[1]
+        if not isinstance(err, OSError):  # not the disk: logging's own report
+            super().handleError(record)
+            return
+        LOG.removeHandler(self)
         why = getattr(err, "strerror", None) or str(err)
         LOG.warning(f"{self.baseFilename}: cannot write ({why}); what follows goes to stderr only")
 
@@ -103,12 +106,12 @@ class Console:
         self.file = _File(os.path.join(run_dir, rundir.TRAIN_LOG), encoding="utf-8")
         self.file.setLevel(logging.INFO)
         self.file.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+        LOG.addHandler(self.file)  # first: a replay that fails removes it, and says so once
         if self.early is not None:
             LOG.removeHandler(self.early)
             for r in self.early.records:
                 self.file.handle(r)
             self.early = None
-        LOG.addHandler(self.file)
 
     def close(self) -> None:
         global _active

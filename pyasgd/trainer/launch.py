@@ -37,16 +37,23 @@ def train(config: TrainConfig | dict) -> dict[str, Any]:
         config = TrainConfig.from_dict(config)
     with Console(config) as con:
         try:
-            try:
-                summary = _train(config, con)
-            except SaveError as e:  # the simulator's or the launcher's own files: a full disk
-                raise TrainingError(f"{e}; the last checkpoint written is whole: free space, then continue "
-                                    f"with: pyasgd-train --resume {config.resume or config.out or 'RUN_DIR'}") from None
+            summary = _train(config, con)
         except TrainingError as e:  # the caller prints it; train.log keeps it too
             LOG.error(f"training failed: {e}", extra={"file_only": True})
             raise
+        finally:
+            rundir.release_all()  # the run directory (and --resume's) goes with the run
         LOG.info(summary_line(summary))
         return summary
+
+
+def after_save_failure(message: str, run_dir: str) -> str:
+    """A SaveError's line, with what the user can do next."""
+    ckpt = os.path.join(run_dir, rundir.CHECKPOINT)
+    if os.path.exists(ckpt):
+        return (f"{message}; the last checkpoint written, {ckpt}, is whole: free space, then continue with: "
+                f"pyasgd-train --resume {run_dir}")
+    return f"{message}; no checkpoint was written yet: free space, then start again"
 
 
 def _train(config: TrainConfig, con: Console) -> dict[str, Any]:
@@ -63,11 +70,11 @@ def _train(config: TrainConfig, con: Console) -> dict[str, Any]:
         from pyasgd.trainer.simulate import simulate
 
         run_dir = rundir.prepare(config)
+        con.attach(run_dir)
         try:
-            con.attach(run_dir)
             return simulate(config, run_dir, task, resume)
-        finally:
-            rundir.release(run_dir)
+        except SaveError as e:  # the simulator's own files: a full disk
+            raise TrainingError(after_save_failure(str(e), run_dir)) from None
     topology = topology_for(config)
     topology.join()  # before anything is created: a bad rendezvous leaves nothing behind
     try:
@@ -76,11 +83,8 @@ def _train(config: TrainConfig, con: Console) -> dict[str, Any]:
         except Exception as e:
             topology.tell_stop(f"its run directory: {e}", "")
             raise
-        try:
-            con.attach(run_dir)
-            return Supervisor(config, run_dir, task, topology, resume).run()
-        finally:
-            rundir.release(run_dir)
+        con.attach(run_dir)
+        return Supervisor(config, run_dir, task, topology, resume).run()
     finally:
         topology.close()
 
@@ -187,8 +191,11 @@ class Supervisor:
             train_end = time.monotonic()  # wall_s and wps count training, not the final decoding
             torch.set_num_threads(os.cpu_count() or 1)  # the workers are gone: all cores
             if not self.failure:
-                validate_last(task, flat, log, self.run_dir, log.updates, evaluated.pull(flat.params))
-                extra = final_test(task, flat, self.run_dir)
+                try:
+                    validate_last(task, flat, log, self.run_dir, log.updates, evaluated.pull(flat.params))
+                    extra = final_test(task, flat, self.run_dir)
+                except SaveError as e:  # best.pt or metrics.jsonl on a full disk
+                    self.failure = after_save_failure(str(e), self.run_dir)
         except (KeyboardInterrupt, Terminated) as e:
             stopped_because = StopReason.TERMINATED if isinstance(e, Terminated) else StopReason.INTERRUPTED
             if previous_term is not None:
@@ -206,10 +213,17 @@ class Supervisor:
                 if self.eval_region is not None:
                     self.eval_region.close()
             wall = (train_end or time.monotonic()) - self.start
-            if stopped_because:
-                summary = finish_run(log, self.run_dir, self.topology, self.failure, stopped_because, wall,
-                                     {**self.server_extra, **extra})
-            log.close()
+            try:  # on a full disk these fail too: the first failure is the one reported
+                if stopped_because:
+                    summary = finish_run(log, self.run_dir, self.topology, self.failure, stopped_because, wall,
+                                         {**self.server_extra, **extra})
+            except SaveError as e:
+                self.failure = self.failure or after_save_failure(str(e), self.run_dir)
+            finally:
+                try:
+                    log.close()
+                except SaveError as e:
+                    self.failure = self.failure or after_save_failure(str(e), self.run_dir)
         if self.failure:
             raise TrainingError(self.failure)
         return summary
@@ -252,9 +266,8 @@ class Supervisor:
                                                 f"(node {self.config.node_rank}'s server):\n{r['traceback']}")
                 return StopReason.FAILED
             if r.get("message"):  # a SaveError: one line, and what the user can do
-                self.failure = self.failure or (f"the {r['process']} stopped: {r['message']}; the last checkpoint "
-                                                f"written is whole: free space, then continue with: "
-                                                f"pyasgd-train --resume {self.run_dir}")
+                self.failure = self.failure or after_save_failure(f"the {r['process']} stopped: {r['message']}",
+                                                                  self.run_dir)
                 return StopReason.FAILED
             self.failure = self.failure or f"{r['process']} failed:\n{r['traceback']}"
             return StopReason.FAILED
@@ -361,18 +374,29 @@ class Supervisor:
         server = self.procs[0] if self.procs else None
         while server is not None and not self.server_done and server.is_alive() and time.monotonic() < deadline:
             for r in _drain(self.queue, 0.05):
-                self.log.record(r)
-                if r["kind"] == "server_done":
-                    self._server_done(r)
+                self._stopping_record(r)
         self.region.shutdown()
         self.validation.stop()
         processes = self.procs + self.validation.processes()
         deadline = time.monotonic() + 30
         while any(p.is_alive() for p in processes) and time.monotonic() < deadline:
             for r in _drain(self.queue, 0.05):
-                self.log.record(r)
+                self._stopping_record(r)
         for r in _drain(self.queue, 0.0):
-            self.log.record(r)
+            self._stopping_record(r)
+
+    def _stopping_record(self, r: dict) -> None:
+        """A record taken while the run stops: logged, and a SaveError (the server's last
+        checkpoint on a full disk) still fails the run. (Other errors at the stop keep their old
+        meaning: a node that left first, a process stopped while it waited.)"""
+        if r["kind"] == "error" and r.get("message"):
+            self._handle(r)
+            return
+        self.log.record(r)
+        if r["kind"] == "server_done":
+            self._server_done(r)
+        elif r["kind"] == "checkpoint":
+            self.last_checkpoint = r["update"]
 
     def _reap(self) -> None:
         """Nothing outlives the run."""

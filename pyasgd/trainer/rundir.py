@@ -9,7 +9,7 @@ import os
 import time
 
 from pyasgd.config import TrainConfig, resume_fixed_fields
-from pyasgd.errors import ConfigError
+from pyasgd.errors import ConfigError, write_failure
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -43,8 +43,12 @@ def prepare(config: TrainConfig, tag: str = "") -> str:
         except BaseException:
             release(d)
             raise
-        if os.path.exists(os.path.join(d, SUMMARY)):
-            os.replace(os.path.join(d, SUMMARY), os.path.join(d, PREV_SUMMARY))
+        try:
+            if os.path.exists(os.path.join(d, SUMMARY)):
+                os.replace(os.path.join(d, SUMMARY), os.path.join(d, PREV_SUMMARY))
+        except OSError as e:
+            release(d)
+            raise write_failure(os.path.join(d, PREV_SUMMARY), e) from e
     else:
         d = config.out or os.path.join("runs", f"{time.strftime('%Y%m%d-%H%M%S')}-{config.mode}{tag}")
         for attempt in (0, 1):  # again under the lock: another run may have started meanwhile
@@ -52,14 +56,18 @@ def prepare(config: TrainConfig, tag: str = "") -> str:
                 release(d)
                 pid = holder(d)
                 if pid is not None:
-                    raise ConfigError(f"--out: {d!r} is in use by another run (pid {pid}); wait for it to end, "
+                    raise ConfigError(f"--out: {d!r} is in use by another run (pid {_shown(pid)}); wait for it to end, "
                                       f"or choose another --out")
                 raise ConfigError(f"--out: {d!r} already holds a run; pass --resume {d} to continue it, "
                                   f"or choose another --out")
             if attempt == 0:
                 os.makedirs(d, exist_ok=True)
                 lock(d, "--out")
-    write_json(os.path.join(d, CONFIG), config.to_dict())
+    try:
+        write_json(os.path.join(d, CONFIG), config.to_dict())
+    except BaseException:
+        release(d)
+        raise
     return d
 
 
@@ -74,13 +82,19 @@ def lock(d: str, option: str) -> None:
     if key in _held:
         return
     fd = os.open(os.path.join(d, LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = _pid_in(fd)
-        os.close(fd)
-        raise ConfigError(f"{option}: {d!r} is in use by another run (pid {pid if pid is not None else '?'}); "
-                          "wait for it to end, or choose another directory") from None
+    deadline = time.monotonic() + 0.25  # a holder() probe holds it shared for an instant: try again
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() < deadline:
+                time.sleep(0.01)
+                continue
+            pid = _pid_in(fd)
+            os.close(fd)
+            raise ConfigError(f"{option}: {d!r} is in use by another run (pid {_shown(pid)}); "
+                              "wait for it to end, or choose another directory") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     _held[key] = fd
@@ -90,7 +104,17 @@ def release(d: str) -> None:
     """Let run directory `d` go (the lock file stays: removing it would race with a new holder)."""
     fd = _held.pop(os.path.realpath(d), None)
     if fd is not None:
+        try:
+            os.ftruncate(fd, 0)  # no pid of a process that no longer holds it
+        except OSError:
+            pass
         os.close(fd)
+
+
+def release_all() -> None:
+    """Let every run directory this process holds go (the end of a pyasgd.train call)."""
+    for key in list(_held):
+        release(key)
 
 
 def holder(d: str) -> int | None:
@@ -104,10 +128,14 @@ def holder(d: str) -> int | None:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             pid = _pid_in(fd)
-            return pid if pid is not None else -1
+            return pid if pid is not None else 0  # held, by a pid not yet written
         return None
     finally:
         os.close(fd)
+
+
+def _shown(pid: int | None) -> str:
+    return str(pid) if pid else "?"
 
 
 def _pid_in(fd: int) -> int | None:
@@ -129,13 +157,15 @@ def check_resume(config: TrainConfig) -> dict | None:
 
     d = config.resume
     saved_settings(d)
-    pid = holder(d)
-    if pid is not None:
-        raise ConfigError(f"--resume: {d!r} is in use by another run (pid {pid}); wait for it to end")
-    path = os.path.join(d, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise ConfigError(f"--resume: {d!r} has no {CHECKPOINT} to continue from")
-    return checkpoint.load_checked(path, "sim" if config.simulate else "train", context="--resume: ")
+    lock(d, "--resume")  # held from here: nobody else resumes it between this check and the run
+    try:
+        path = os.path.join(d, CHECKPOINT)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--resume: {d!r} has no {CHECKPOINT} to continue from")
+        return checkpoint.load_checked(path, "sim" if config.simulate else "train", context="--resume: ")
+    except BaseException:
+        release(d)
+        raise
 
 
 def saved_settings(d: str, context: str = "--resume: ") -> dict:
@@ -167,10 +197,19 @@ def read_json(path: str):
 
 
 def write_json(path: str, obj) -> None:
+    """Write `obj` as JSON atomically; a failed write (a full disk) removes the temporary file,
+    leaves `path` as it was and raises SaveError, one line."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise write_failure(path, e) from e

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pyasgd.core import checkpoint
+from pyasgd.errors import SaveError
 from pyasgd.trainer import rundir, tboard
 from pyasgd.config import TrainConfig
 from pyasgd.core.flat import FlatModel
@@ -154,9 +155,15 @@ class Simulation:
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         try:
-            return self._run()
-        finally:
-            self.log.close()
+            out = self._run()
+        except BaseException:
+            try:
+                self.log.close()
+            except SaveError:  # the disk is full: the error already on its way is the one to report
+                pass
+            raise
+        self.log.close()
+        return out
 
     def _run(self) -> dict[str, Any]:
         c, up, log = self.config, self.up, self.log
