@@ -154,8 +154,14 @@ def assert_one_line(p, *fragments):
 
 # --- pyasgd-train --resume ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("processes", ["--simulate", "--no-simulate"])
-@pytest.mark.parametrize("case", list(BROKEN))
+# Every case with the simulator, and the truncated one without it, in the fast tier: each is a
+# pyasgd-train start (torch's import dominates); the other real-process cases run with --runslow.
+RESUME_CASES = [pytest.param(case, processes, marks=[pytest.mark.slow] * (processes == "--no-simulate"
+                                                                          and case != "truncated"))
+                for case in BROKEN for processes in ("--simulate", "--no-simulate")]
+
+
+@pytest.mark.parametrize("case,processes", RESUME_CASES)
 def test_resume_from_a_broken_checkpoint_fails_in_one_line_touching_nothing(tmp_path, synthetic_run, case, processes):
     run = copy_run(synthetic_run, tmp_path)
     ckpt = run / "checkpoint.pt"
@@ -284,7 +290,8 @@ def test_translate_takes_a_run_directory_or_a_checkpoint_file_in_one(translation
     assert_one_line(p, "--last takes a run directory")
 
 
-@pytest.mark.parametrize("case", ["truncated", "random bytes", "empty", "foreign dict"])
+@pytest.mark.parametrize("case", ["truncated", "random bytes", pytest.param("empty", marks=pytest.mark.slow),
+                                  pytest.param("foreign dict", marks=pytest.mark.slow)])
 def test_translate_with_a_broken_checkpoint_fails_in_one_line(tmp_path, translation_run, case):
     run = copy_run(translation_run, tmp_path)
     target = "checkpoint.pt" if case in ("truncated", "empty") else "best.pt"

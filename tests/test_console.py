@@ -38,7 +38,7 @@ def messages(lines: list[str]) -> list[str]:
     return [STAMP.sub("", line) for line in lines]
 
 
-@pytest.mark.parametrize("real", [False, True], ids=["simulated", "real processes"])
+@pytest.mark.parametrize("real", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["simulated", "real processes"])
 def test_a_piped_run_writes_timestamped_lines_without_carriage_returns(tmp_path, real):
     out = tmp_path / "run"
     extra = ["--workers", "2", "--compute-delay", "0.01", "--threads", "1"] if real else ["--simulate", "--workers", "2"]
@@ -83,6 +83,7 @@ def test_a_resumed_run_appends_to_train_log(tmp_path):
     assert both[:len(first)] == first and "resuming from update 20" in "\n".join(both[len(first):])
 
 
+@pytest.mark.slow
 def test_a_failed_run_says_it_once_on_stderr_and_keeps_it_in_train_log(tmp_path):
     """A killed worker with --max-restarts 0: the CLI prints the failure once (no timestamp, as
     every pyasgd-train error); train.log records it too, timestamped."""

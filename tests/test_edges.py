@@ -65,6 +65,7 @@ def hashes(d) -> dict[str, bytes]:
 
 # --- one run per directory ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_directory_in_use_refuses_a_second_run_and_a_resume_naming_the_pid(tmp_path):
     out = tmp_path / "run"
     holder = start(*SIM, "--max-updates", "1000000", "--max-time", "0", "--save-every", "20", "--out", out)
@@ -87,6 +88,7 @@ def test_a_directory_in_use_refuses_a_second_run_and_a_resume_naming_the_pid(tmp
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "run"
     holder = start(*SIM, "--max-updates", "1000000", "--max-time", "0", "--save-every", "10", "--out", out)
