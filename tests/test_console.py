@@ -42,7 +42,7 @@ def messages(lines: list[str]) -> list[str]:
 def test_a_piped_run_writes_timestamped_lines_without_carriage_returns(tmp_path, real):
     out = tmp_path / "run"
     extra = ["--workers", "2", "--compute-delay", "0.01", "--threads", "1"] if real else ["--simulate", "--workers", "2"]
-    r = train_cli(*SYNTH, *extra, "--log-every", "0.2", "--out", out)
+    r = train_cli(*SYNTH, *extra, "--log-every", "1e-6", "--out", out)
     assert r.returncode == 0, r.stderr
     assert "\r" not in r.stderr
     lines = r.stderr.splitlines()
@@ -140,7 +140,7 @@ def _run_in_a_terminal(args, timeout=240) -> tuple[int, str]:
 
 def test_on_a_terminal_a_bar_is_drawn_and_train_log_still_gets_lines(tmp_path):
     out = tmp_path / "run"
-    code, shown = _run_in_a_terminal([*SYNTH, "--simulate", "--log-every", "0.2", "--out", out])
+    code, shown = _run_in_a_terminal([*SYNTH, "--simulate", "--log-every", "1e-6", "--out", out])
     assert code == 0, shown
     assert "\r" in shown and "upd" in shown  # tqdm redraws its bar in place
     assert "validation at update 20" in shown  # lines are written above the bar
