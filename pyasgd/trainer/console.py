@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable
 
 from pyasgd.trainer import rundir
+from pyasgd.trainer.runlog import SHOWN
 
 LOG = logging.getLogger("pyasgd")
 FORMAT = "%(asctime)s %(message)s"
@@ -192,3 +193,24 @@ class Progress:
             if self.con is not None and self.con.stderr.bar is self.bar:
                 self.con.stderr.bar = None
             self.bar = None
+
+
+def limits_text(c) -> str:
+    """When the run stops, in words: "480 s" or "2,000 updates or 16 epochs"."""
+    return " or ".join(x for x in (f"{c.max_updates:,} updates" if c.max_updates else "",
+                                   f"{c.max_epochs:g} epochs" if c.max_epochs else "",
+                                   f"{c.max_time:g} s" if c.max_time else "") if x)
+
+
+def summary_line(s: dict[str, Any]) -> str:
+    """The last line of a run: why it stopped, how good, how fast, where."""
+    primary = s.get("primary_metric") or "loss"
+    parts = [f"finished ({s.get('stopped_because')}) after {s.get('updates', 0):,} updates"]
+    if s.get("best_valid") is not None:
+        parts.append(f"best dev {SHOWN.get(primary, primary)} {s['best_valid']:.2f} "
+                     f"(update {s.get('best_valid_update', 0):,})")
+    if s.get("test_bleu") is not None:
+        parts.append(f"test BLEU {s['test_bleu']:.2f}")
+    if s.get("wps"):
+        parts.append(f"{s['wps']:,.0f} words/s")
+    return ", ".join(parts) + f"; run directory {s.get('run_dir')}"

@@ -19,9 +19,10 @@ from pyasgd.core import checkpoint
 from pyasgd.core.flat import FlatModel
 from pyasgd.errors import SaveError, Terminated
 from pyasgd.trainer import rundir, tboard
-from pyasgd.trainer.console import LOG, Console, Progress
-from pyasgd.trainer.runlog import SHOWN, RunLog
-from pyasgd.trainer.steps import ValidationSchedule, final_test, finish, start_run, validate_last
+from pyasgd.trainer.console import LOG, Console, Progress, limits_text, summary_line
+from pyasgd.trainer.outcome import after_save_failure, finish_run, server_died
+from pyasgd.trainer.runlog import RunLog
+from pyasgd.trainer.steps import ValidationSchedule, final_test, start_run, validate_last
 from pyasgd.trainer.stops import StopReason, StopRequest
 from pyasgd.trainer.validation import ValidationService, exit_text
 
@@ -45,15 +46,6 @@ def train(config: TrainConfig | dict) -> dict[str, Any]:
             rundir.release_all()  # the run directory (and --resume's) goes with the run
         LOG.info(summary_line(summary))
         return summary
-
-
-def after_save_failure(message: str, run_dir: str) -> str:
-    """A SaveError's line, with what the user can do next."""
-    ckpt = os.path.join(run_dir, rundir.CHECKPOINT)
-    if os.path.exists(ckpt):
-        return (f"{message}; the last checkpoint written, {ckpt}, is whole: free space, then continue with: "
-                f"pyasgd-train --resume {run_dir}")
-    return f"{message}; no checkpoint was written yet: free space, then start again"
 
 
 def _train(config: TrainConfig, con: Console) -> dict[str, Any]:
@@ -87,27 +79,6 @@ def _train(config: TrainConfig, con: Console) -> dict[str, Any]:
         return Supervisor(config, run_dir, task, topology, resume).run()
     finally:
         topology.close()
-
-
-def limits_text(c: TrainConfig) -> str:
-    """When the run stops, in words: "480 s" or "2,000 updates or 16 epochs"."""
-    return " or ".join(x for x in (f"{c.max_updates:,} updates" if c.max_updates else "",
-                                   f"{c.max_epochs:g} epochs" if c.max_epochs else "",
-                                   f"{c.max_time:g} s" if c.max_time else "") if x)
-
-
-def summary_line(s: dict[str, Any]) -> str:
-    """The last line of a run: why it stopped, how good, how fast, where."""
-    primary = s.get("primary_metric") or "loss"
-    parts = [f"finished ({s.get('stopped_because')}) after {s.get('updates', 0):,} updates"]
-    if s.get("best_valid") is not None:
-        parts.append(f"best dev {SHOWN.get(primary, primary)} {s['best_valid']:.2f} "
-                     f"(update {s.get('best_valid_update', 0):,})")
-    if s.get("test_bleu") is not None:
-        parts.append(f"test BLEU {s['test_bleu']:.2f}")
-    if s.get("wps"):
-        parts.append(f"{s['wps']:,.0f} words/s")
-    return ", ".join(parts) + f"; run directory {s.get('run_dir')}"
 
 
 class Supervisor:
@@ -420,26 +391,6 @@ def load_resume(ckpt_path: str, flat: FlatModel, log: RunLog, state: dict | None
     log.resume_from(log.updates)
     log.restore(resume.get("progress"), clocks=False)
     return resume
-
-
-def server_died(how: str, ckpt_path: str, last_checkpoint: int | None, run_dir: str) -> str:
-    """The failure text of a dead server (it cannot be replaced)."""
-    where = (f"its last checkpoint, {ckpt_path}, holds update {last_checkpoint}"
-             if last_checkpoint is not None and os.path.exists(ckpt_path)
-             else "it wrote no checkpoint (set --save-every to keep one)")
-    return (f"the server died ({how}); the updates since its last checkpoint are lost and it cannot be "
-            f"replaced: {where}. Continue with: pyasgd-train --resume {run_dir}")
-
-
-def finish_run(log: RunLog, run_dir: str, topology, failure: str, stopped_because: str, wall: float,
-               extra: dict) -> dict[str, Any]:
-    """Write the run's summary (across nodes, node 0's is the global one) and return it."""
-    because = f"failed: {failure.splitlines()[0]}" if failure else str(stopped_because)
-    summary = finish(log, run_dir, stopped_because=because, wall_s=wall, extra=extra)
-    summary, is_global = topology.gather(summary, failed=bool(failure))
-    if is_global:
-        rundir.write_json(os.path.join(run_dir, rundir.SUMMARY), summary)
-    return summary
 
 
 def start_worker(ctx, rank: int, **common):
