@@ -367,11 +367,14 @@ std::unique_ptr<Region> Region::create(uint64_t n, uint64_t slots, uint32_t grad
     errno = e;
     throw std::runtime_error(errno_text("mapping the shared region " + path));
   }
-  ::close(map_fd);
   std::unique_ptr<Region> r(new Region());
   r->map_ = std::make_shared<Mapping>(base, L.total_bytes);
+  r->base_fd_ = map_fd;  // kept for the slot locks (its own description: no flock on it)
+  r->lock_fd_ = map_fd;
+  r->lock_pid_ = getpid();
   r->lock_entry_ = register_owner_lock(fd);
   if (r->lock_entry_ < 0) {
+    r.reset();  // closes map_fd
     give_up();
     throw std::runtime_error("one process cannot own more than " + std::to_string(kMaxOwned) + " shared regions");
   }
@@ -421,9 +424,17 @@ std::unique_ptr<Region> Region::attach(const std::string& name) {
   }
   const uint64_t size = static_cast<uint64_t>(st.st_size);
   void* base = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-  ::close(fd);
-  if (base == MAP_FAILED) throw std::runtime_error(errno_text("mmap(" + path + ")"));
+  if (base == MAP_FAILED) {
+    int e = errno;
+    ::close(fd);
+    errno = e;
+    throw std::runtime_error(errno_text("mmap(" + path + ")"));
+  }
   auto map = std::make_shared<Mapping>(base, size);  // unmapped on any error below
+  struct FdGuard {  // closed on any error below; kept for the slot locks once attached
+    int fd;
+    ~FdGuard() { if (fd >= 0) ::close(fd); }
+  } guard{fd};
 
   // Everything the region will ever index with comes from this check, made once: the header
   // must be exactly the layout its own n, slots and grad_dtype give, and that layout exactly the file.
@@ -466,6 +477,9 @@ std::unique_ptr<Region> Region::attach(const std::string& name) {
   r->name_ = bare;
   r->path_ = path;
   r->map_ = std::move(map);
+  r->base_fd_ = r->lock_fd_ = guard.fd;
+  r->lock_pid_ = getpid();
+  guard.fd = -1;
   r->h_ = h;
   r->lay_ = L;
   r->held_.reset(new std::atomic<uint64_t>[slots]());
@@ -496,6 +510,8 @@ Region::~Region() {
     unlink();
     release_owner_lock(lock_entry_);  // after the unlink: no sweep ever sees it unlocked
   }
+  if (lock_fd_ >= 0 && lock_fd_ != base_fd_ && lock_pid_ == getpid()) ::close(lock_fd_);
+  if (base_fd_ >= 0) ::close(base_fd_);
   // map_ goes with the last view of the memory (see Mapping).
 }
 
@@ -595,21 +611,73 @@ uint64_t Region::wait_version(uint64_t above, double timeout) {
 
 // --- gradient ring -------------------------------------------------------------------------------
 
+// Slot locks. A pusher takes an exclusive byte-range lock on byte kSlotLockBase + k of the
+// segment (an open-file-description lock, F_OFD_SETLK: owned by its own open of the file, not by
+// a pid) before it claims slot k, and lets go only after its commit or abandon has moved the slot
+// out of WRITING. The kernel drops the lock when the pusher dies, however it dies. So a WRITING
+// slot whose lock is free has a dead writer, and one whose lock is held has a live one: a
+// reclaimer asks the lock, never the pid, and pid reuse (or a pusher in another PID namespace)
+// can neither keep a dead pusher's slot from being reclaimed nor free a live pusher's slot.
+// These locks are independent of the owner's flock on the file (Linux keeps the two apart).
+constexpr off_t kSlotLockBase = off_t{1} << 40;  // beyond any segment: locks need no bytes
+
+int Region::slot_lock_fd() {
+  const int me = getpid();
+  if (lock_pid_ != me) {
+    // A forked child shares its parent's descriptions (and so its locks): it opens its own.
+    const std::string self = "/proc/self/fd/" + std::to_string(base_fd_);
+    int fd = ::open(self.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd < 0) throw std::runtime_error(errno_text("opening the shared region " + path_ + " for its slot locks"));
+    lock_fd_ = fd;
+    lock_pid_ = me;
+  }
+  return lock_fd_;
+}
+
+bool Region::try_lock_slot(int k) {
+  struct flock fl {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = kSlotLockBase + k;
+  fl.l_len = 1;
+  const int fd = slot_lock_fd();
+  for (;;) {
+    if (fcntl(fd, F_OFD_SETLK, &fl) == 0) return true;
+    if (errno == EAGAIN || errno == EACCES) return false;
+    if (errno != EINTR) throw std::runtime_error(errno_text("locking gradient slot " + std::to_string(k)));
+  }
+}
+
+void Region::unlock_slot(int k) {
+  struct flock fl {};
+  fl.l_type = F_UNLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_start = kSlotLockBase + k;
+  fl.l_len = 1;
+  fcntl(slot_lock_fd(), F_OFD_SETLK, &fl);  // cannot fail for a lock we hold
+}
+
 std::vector<Reclaimed> Region::reclaim_dead() {
   using namespace slot_word;
   std::vector<Reclaimed> out;
   for (uint64_t k = 0; k < lay_.slots; ++k) {
     SlotMeta& s = meta(static_cast<int>(k));
     uint64_t w = s.own.load(std::memory_order_acquire);
-    if (state(w) != kWriting || !pid_dead(pid(w))) continue;
+    // A slot this object holds is ours and alive (and our own description's lock would not
+    // stop us: a lock never conflicts with its owner).
+    if (state(w) != kWriting || held_[k].load(std::memory_order_acquire) != 0) continue;
     const int worker = s.worker;
     test_delay("reclaim");
+    // Its writer holds the slot's lock for as long as it writes: taking it proves the writer
+    // dead, and holding it keeps claimers off until the slot is FREE.
+    if (!try_lock_slot(static_cast<int>(k))) continue;
     // From the exact word seen: if another reclaimer freed it and a live pusher claimed it
     // meanwhile, the generation differs and this fails.
     if (s.own.compare_exchange_strong(w, make(kFree, gen(w), 0), std::memory_order_acq_rel)) {
       h_->reclaimed.fetch_add(1);
       out.push_back({static_cast<int>(k), pid(w), worker});
     }
+    unlock_slot(static_cast<int>(k));
   }
   if (!out.empty()) bump_and_wake(h_->free_word, h_->free_sleepers);
   return out;
@@ -628,16 +696,22 @@ int Region::claim(int worker, double timeout) {
       SlotMeta& s = meta(k);
       uint64_t w = s.own.load(std::memory_order_relaxed);
       if (state(w) != kFree) continue;
+      // The slot's lock first (held until the slot leaves WRITING: see "Slot locks"); one held
+      // by someone else on a FREE slot is a claimer or reclaimer in the middle of its step.
+      if (!try_lock_slot(k)) continue;
+      w = s.own.load(std::memory_order_relaxed);
       // State, a new generation and our pid in one step: there is no moment at which the slot is
       // WRITING under someone else's (possibly dead) pid.
       const uint64_t mine = make(kWriting, gen(w) + 1, static_cast<uint32_t>(me));
-      if (s.own.compare_exchange_strong(w, mine, std::memory_order_acquire)) {
+      held_[k].store(mine, std::memory_order_release);  // before the CAS: our reclaim skips it
+      if (state(w) == kFree && s.own.compare_exchange_strong(w, mine, std::memory_order_acquire)) {
         test_delay("claim");
         s.worker = worker;
-        held_[k].store(mine, std::memory_order_relaxed);
         got = k;
         return true;
       }
+      held_[k].store(0, std::memory_order_relaxed);
+      unlock_slot(k);
     }
     return false;
   };
@@ -648,10 +722,16 @@ int Region::claim(int worker, double timeout) {
 }
 
 // The ownership word this process's claim installed on `slot`, given up by this call: a slot can
-// be committed or abandoned once, and only by the process that claimed it.
+// be committed or abandoned once, and only by the process that claimed it. held_ stays non-zero
+// (kGivingUp) until the caller has moved the slot out of WRITING and let go of its lock, so this
+// object's own reclaim_dead never takes it meanwhile.
+constexpr uint64_t kGivingUp = ~uint64_t{0};
+
 uint64_t Region::take_held(int slot, const char* what) {
   check_slot(slot, what);
-  uint64_t w = held_[slot].exchange(0, std::memory_order_relaxed);
+  uint64_t w = held_[slot].exchange(kGivingUp, std::memory_order_acq_rel);
+  if (w == kGivingUp) w = 0;  // another thread is committing or abandoning it
+  else if (w == 0) held_[slot].store(0, std::memory_order_release);
   if (w == 0)
     throw std::runtime_error(std::string(what) + ": slot " + std::to_string(slot) +
                              " is not held by this process (never claimed here, or already committed or abandoned)");
@@ -671,10 +751,13 @@ Ticket Region::commit(int slot, uint64_t version, uint64_t tokens, double loss, 
   s.push_seq = h_->push_seq.fetch_add(1, std::memory_order_relaxed);
   Ticket t{s.push_seq, slot, s.acks.load(std::memory_order_relaxed)};
   // Data and metadata before READY (release). Fails only if the slot was taken from us.
-  if (!s.own.compare_exchange_strong(w, make(kReady, gen(w), static_cast<uint32_t>(pid(w))),
-                                     std::memory_order_release))
+  const bool ok = s.own.compare_exchange_strong(w, make(kReady, gen(w), static_cast<uint32_t>(pid(w))),
+                                                std::memory_order_release);
+  unlock_slot(slot);  // out of WRITING: a reclaimer may look now
+  held_[slot].store(0, std::memory_order_release);
+  if (!ok)
     throw std::runtime_error("commit: slot " + std::to_string(slot) +
-                             " was reclaimed from this process while it wrote (its pid looked dead); the gradient is lost");
+                             " was reclaimed from this process while it wrote; the gradient is lost");
   bump_and_wake(h_->ready_word, h_->ready_sleepers);
   return t;
 }
@@ -695,8 +778,10 @@ void Region::wait_ack(const Ticket& t, double timeout) {
 void Region::abandon(int slot) {
   using namespace slot_word;
   uint64_t w = take_held(slot, "abandon");
-  if (meta(slot).own.compare_exchange_strong(w, make(kFree, gen(w), 0), std::memory_order_release))
-    bump_and_wake(h_->free_word, h_->free_sleepers);
+  const bool freed = meta(slot).own.compare_exchange_strong(w, make(kFree, gen(w), 0), std::memory_order_release);
+  unlock_slot(slot);
+  held_[slot].store(0, std::memory_order_release);
+  if (freed) bump_and_wake(h_->free_word, h_->free_sleepers);
   // else: already reclaimed (and perhaps claimed again by another pusher): nothing of ours to free
 }
 

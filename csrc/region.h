@@ -46,8 +46,9 @@
 namespace pyasgd {
 
 constexpr uint64_t kRegionMagic = 0x3130445347534150ULL;  // "PASGSD01" little-endian
-// 4: one ownership word per slot, flock liveness; 5: position; 6: the slots' gradient type
-constexpr uint32_t kLayoutVersion = 6;
+// 4: one ownership word per slot, flock liveness; 5: position; 6: the slots' gradient type;
+// 7: a pusher holds a byte-range lock on its slot while it writes (reclaim by lock, not pid)
+constexpr uint32_t kLayoutVersion = 7;
 constexpr uint64_t kMaxSlots = 1 << 16;  // slot indices are ints; real rings hold tens
 constexpr uint64_t kInvalidVersion = ~0ULL;  // buf_version of a buffer holding a failed write
 
@@ -227,6 +228,14 @@ class Region {
   // Per slot, the ownership word this object's claim installed (0: none): commit and abandon
   // CAS from it, so they act only on the claim they made.
   std::unique_ptr<std::atomic<uint64_t>[]> held_;
+  // The slot locks (region.cpp, "slot locks"): an open file description of the segment of this
+  // process's own, on which it holds the byte-range lock of each slot it is writing.
+  int slot_lock_fd();
+  bool try_lock_slot(int k);
+  void unlock_slot(int k);
+  int base_fd_ = -1;       // the segment, opened by create()/attach() (not the owner's flocked one)
+  int lock_fd_ = -1;       // base_fd_, or in a forked child a fresh open of it (its own description)
+  int lock_pid_ = 0;       // the process lock_fd_ belongs to
   int creator_pid_ = 0;  // owner only
   int lock_entry_ = -1;  // owner only: where the locked fd is registered (region.cpp)
   bool unlinked_ = false;

@@ -238,3 +238,65 @@ def write_fake_segment(path, owner_pid, layout_version=4):
 
     with open(path, "wb") as f:
         f.write(struct.pack("<QIi", REGION_MAGIC, layout_version, owner_pid).ljust(8192, b"\0"))
+
+
+def pid_reuse_in_a_namespace(name, mode, outside_pid=0):
+    """Run as pid 1 of a fresh PID namespace (unshare --pid --fork --mount-proc, as root), where
+    /proc/sys/kernel/ns_last_pid picks the next pid. Prints one JSON line.
+
+    mode "reuse": a pusher claims a slot and is SIGKILLed; a new process is then given its very
+    pid, so the dead pusher's pid is alive again; reclaim_dead() must still free the slot.
+    mode "foreign": a pusher is given pid `outside_pid` (a pid that is free outside the
+    namespace), claims a slot and holds it; it says "claimed", and commits when told on stdin.
+    Seen from outside, its slot carries a pid that does not exist there."""
+    import json
+    import os
+    import signal
+    import sys
+
+    from pyasgd.core.region import SharedRegion
+
+    def fork_with_pid(pid, body):
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(pid - 1))
+        child = os.fork()
+        if child == 0:
+            try:
+                body()
+            finally:
+                os._exit(0)
+        return child
+
+    def claim_and_hold(r, w):
+        region = SharedRegion.attach(name)
+        region._handle().claim(41, 30.0)
+        os.write(w, b"x")
+        if mode == "foreign":
+            sys.stdin.readline()
+            region._handle().commit(0, 0, 1, 0.0, 0.0, 0)
+            os.write(w, b"c")
+        time.sleep(600)
+
+    r, w = os.pipe()
+    if mode == "reuse":
+        victim = fork_with_pid(300, lambda: claim_and_hold(r, w))
+        os.read(r, 1)
+        os.kill(victim, signal.SIGKILL)
+        os.waitpid(victim, 0)
+        again = fork_with_pid(victim, lambda: time.sleep(600))
+        alive = True
+        try:
+            os.kill(again, 0)
+        except ProcessLookupError:
+            alive = False
+        region = SharedRegion.attach(name)
+        reclaimed = region.reclaim_dead()
+        os.kill(again, signal.SIGKILL)
+        print(json.dumps({"victim": victim, "again": again, "alive": alive, "reclaimed": reclaimed}), flush=True)
+        return
+    pusher = fork_with_pid(outside_pid, lambda: claim_and_hold(r, w))
+    os.read(r, 1)
+    print(json.dumps({"claimed": pusher}), flush=True)
+    committed = os.read(r, 1) == b"c"
+    os.kill(pusher, signal.SIGKILL)
+    print(json.dumps({"committed": committed}), flush=True)

@@ -347,7 +347,7 @@ def test_bf16_slots_halve_the_gradient_bytes_and_attach_checks_their_type():
     with SharedRegion.create(n, slots) as fp32, SharedRegion.create(n, slots, grad_dtype=torch.bfloat16) as bf16:
         page = lambda b: -(-b // 4096) * 4096  # every buffer starts on a page
         assert fp32._handle().size - bf16._handle().size == slots * (page(4 * n) - page(2 * n))
-        assert mp_helpers.read_header(bf16.path, "layout_version") == 6
+        assert mp_helpers.read_header(bf16.path, "layout_version") == 7
         assert mp_helpers.read_header(bf16.path, "grad_dtype") == 1
         again = SharedRegion.attach(bf16.name)
         assert again.grad_dtype == torch.bfloat16 and again.slot_buffers[0].numel() == n

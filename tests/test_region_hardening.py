@@ -141,6 +141,57 @@ def test_a_claimer_preempted_after_its_cas_keeps_its_slot(shm_dir):
             stop(victim, pusher)
 
 
+def in_a_pid_namespace(name, mode, *args):
+    """mp_helpers.pid_reuse_in_a_namespace as pid 1 of a new PID namespace (needs root: CI has it)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to make a PID namespace and choose pids in it")
+    code = f"import mp_helpers, sys; mp_helpers.pid_reuse_in_a_namespace({name!r}, {mode!r}, *map(int, sys.argv[1:]))"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code, *map(str, args)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_a_dead_pushers_slot_is_reclaimed_though_its_pid_lives_again(shm_dir):
+    """Pid reuse must not leak a slot: a pusher claims a slot and is killed, and a new process
+    gets its very pid. Asking kill(pid, 0) would call the dead pusher alive forever; its slot's
+    lock, dropped by the kernel when it died, says it is gone."""
+    with SharedRegion.create(16, 1) as region:
+        p = in_a_pid_namespace(region.name, "reuse")
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+        got = json.loads(out.strip().splitlines()[-1])
+        assert got["again"] == got["victim"] and got["alive"], got  # the pid really was reused
+        assert got["reclaimed"] == [[0, got["victim"], 41]], got
+        assert region.slot_state(0) == 0 and region.reclaimed == 1  # FREE: the next pusher gets it
+
+
+def test_a_live_pushers_slot_is_never_freed_though_its_pid_looks_dead(shm_dir):
+    """Pid reuse (or a PID namespace) must not free a live slot: the pusher's pid, seen from the
+    reclaimer, is one that does not exist there. Its lock is held, so the slot stays its own, and
+    its commit goes through."""
+    with SharedRegion.create(16, 1) as region:
+        free = dead_pid()  # free here: the pusher gets this pid inside its namespace
+        p = in_a_pid_namespace(region.name, "foreign", free)
+        try:
+            line = p.stdout.readline()
+            assert line, p.stderr.read()
+            assert json.loads(line)["claimed"] == free
+            with pytest.raises(ProcessLookupError):
+                os.kill(free, 0)  # seen from here the slot's pid is dead
+            assert region.slot_state(0) == WRITING
+            assert region.reclaim_dead() == []
+            assert region.slot_state(0) == WRITING and region.reclaimed == 0
+            p.stdin.write("commit\n")
+            p.stdin.flush()
+            assert json.loads(p.stdout.readline())["committed"] is True
+            batch = region.collect(1, timeout=30)
+            assert batch.workers == [41]
+            region.release(batch)
+        finally:
+            p.kill()
+            p.communicate(timeout=60)
+
+
 def test_a_second_commit_or_abandon_cannot_touch_a_slot_being_read(shm_dir):
     """A pusher that commits (or abandons) a slot it already committed must get an error, and
     the slot the server is reading must stay READING: not READY (read twice) nor FREE (overwritten
