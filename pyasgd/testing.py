@@ -8,6 +8,10 @@ do nothing. They let the test suite make a worker or a server fail on cue, so th
   replacement that finds it goes on).
 - PYASGD_TEST_SERVER_FAULT=<update>: the server raises after that update (a server that fails on
   its own, not a lost node).
+- PYASGD_TEST_SERVER_PAUSE=<update>:<seconds>: the server stops that long after that update (a
+  slow checkpoint on a slow disk, a stalled machine): across nodes, a node that is slow, not lost.
+- PYASGD_TEST_SLOW_TEST=<seconds>: the launcher waits that long before its final test (a node
+  slow to decode its test set).
 - PYASGD_TEST_REGION_DELAY=<point>:<ms> (read by csrc/region.cpp, once per process): sleep at
   one named step of the region's protocol (claim, reclaim, read) to force interleavings that are
   otherwise a matter of luck.
@@ -46,3 +50,21 @@ def server_fault_step() -> int | None:
 
 def server_fault_error(step: int) -> RuntimeError:
     return RuntimeError(f"injected fault in the server after update {step} (PYASGD_TEST_SERVER_FAULT)")
+
+
+def server_pause() -> tuple[int, float] | None:
+    """(update, seconds) of PYASGD_TEST_SERVER_PAUSE, or None."""
+    spec = os.environ.get("PYASGD_TEST_SERVER_PAUSE", "")
+    if not spec:
+        return None
+    at, seconds = spec.split(":")
+    return int(at), float(seconds)
+
+
+def pause_before_test() -> None:
+    """Sleep PYASGD_TEST_SLOW_TEST seconds, if set."""
+    seconds = float(os.environ.get("PYASGD_TEST_SLOW_TEST", "0") or 0)
+    if seconds > 0:
+        import time
+
+        time.sleep(seconds)

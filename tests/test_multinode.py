@@ -16,7 +16,8 @@ import torch
 from pyasgd.core import checkpoint
 from pyasgd.config import PER_NODE, TrainConfig
 from pyasgd.errors import ConfigError
-from pyasgd.nodes.rendezvous import first_difference, merge_summaries
+from pyasgd.nodes.agree import first_difference
+from pyasgd.nodes.rendezvous import merge_summaries
 import helpers
 from helpers import children, read_json, segments_of
 
@@ -141,7 +142,7 @@ def test_help_lists_the_node_options(run_main):
 
 
 def test_first_difference_follows_the_fields_and_per_node_ones_are_free():
-    from pyasgd.nodes.rendezvous import agreement
+    from pyasgd.nodes.agree import agreement
 
     a, b = agreement(base(seed=1, lr=1e-3)), agreement(base(seed=2, lr=2e-3))
     assert first_difference(a, b) == "seed"  # seed comes before lr among the fields

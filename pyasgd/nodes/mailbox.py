@@ -12,6 +12,8 @@ import traceback
 
 import torch
 
+from pyasgd.nodes.rendezvous import first_line
+
 HDR = 8                   # int64 words in every message's header: [kind, ...]
 GRAD, UPDATE, ACK, STOP_MSG, FIN_GRADS, FIN_UPDATES, FIN_CTRL = range(1, 8)
 DATA, CTRL = 11, 12       # gloo tags: gradients and updates (padded to one size), acks and control
@@ -64,7 +66,7 @@ class Mailbox:
             op([buf], peer, tag).wait(FOREVER)
             return True
         except RuntimeError as e:
-            self.events.put(("lost", peer, _first_line(e)))
+            self.events.put(("lost", peer, first_line(e)))
         except Exception:
             self.events.put(("thread_failed", thread, traceback.format_exc()))
         return False
@@ -94,6 +96,3 @@ class Mailbox:
             if header[0] == last:
                 return
 
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -13,22 +13,34 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import socket
 import threading
 import time
 from typing import Any
 
-from pyasgd.config import PER_NODE, TrainConfig
-from pyasgd.errors import ConfigError
+from pyasgd.config import TrainConfig
+from pyasgd.nodes import auth
+from pyasgd.nodes.agree import RendezvousError, agreement, check_checkpoints, check_settings, resume_facts
 
 PREFIX = "pyasgd/"   # every key of ours, so torchrun's agent store can be shared
 BEAT_S = 0.5         # heartbeat period
+LOG = logging.getLogger("pyasgd")
+
+# The server's activity, shared with its launcher (an mp.Array of doubles) and sent with every
+# heartbeat: gradients taken in all, updates made, gradients held for the next update, and when
+# its wait for the other nodes in a synchronous round began (time.monotonic(); 0: not waiting).
+TAKEN, ROUNDS, HELD, WAITING = range(4)
+ACTIVITY = 4
 
 
-class RendezvousError(ConfigError):
-    """The nodes could not meet (wrong port, unreachable master, a node missing) or their
-    configurations disagree; the message says which and how to fix it."""
+def dead_after(config: TrainConfig) -> float:
+    """Seconds without a heartbeat after which a node is lost. Liveness is the heartbeat alone:
+    a node that beats but makes no progress is slow, never lost. (A dead node's processes close
+    their sockets, which the servers' collectives notice at once; this catches hung or cut-off
+    ones.)"""
+    return max(2.0, min(config.timeout / 2, 30.0))
 
 
 def agent_store() -> bool:
@@ -57,7 +69,7 @@ def connect_store(config: TrainConfig, *, host: bool, timeout: float):
         try:
             store = TCPStore(addr, port, config.nnodes, True, timeout=td, wait_for_workers=False)
         except RuntimeError as e:
-            why = "the port is in use" if "EADDRINUSE" in str(e) else _first_line(e)
+            why = "the port is in use" if "EADDRINUSE" in str(e) else first_line(e)
             raise RendezvousError(f"node 0 cannot listen on port {port} for the rendezvous: {why}; choose "
                                   "another --master-port") from None
         return PrefixStore(store_prefix(), store)
@@ -68,7 +80,7 @@ def connect_store(config: TrainConfig, *, host: bool, timeout: float):
             seconds=max(1.0, deadline - time.monotonic())))
     except RuntimeError as e:
         raise RendezvousError(f"node {config.node_rank} cannot join the rendezvous at {where}: "
-                              f"{_first_line(e)}") from None
+                              f"{first_line(e)}") from None
     store.set_timeout(td)
     return PrefixStore(store_prefix(), store)
 
@@ -97,21 +109,8 @@ def _wait_reachable(addr: str, port: int, deadline: float, where: str) -> None:
         time.sleep(0.2)
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
-def agreement(config: TrainConfig) -> dict[str, Any]:
-    """The settings every node must share (all but PER_NODE)."""
-    return {k: v for k, v in config.to_dict().items() if k not in PER_NODE}
-
-
-def first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None:
-    """The first field (in TrainConfig's order) where two nodes' settings differ."""
-    for _, f in TrainConfig.flat_fields():
-        if f.name in mine and mine.get(f.name) != theirs.get(f.name):
-            return f.name
-    return None
 
 
 class Nodes:
@@ -120,40 +119,60 @@ class Nodes:
     def __init__(self, config: TrainConfig, store) -> None:
         self.config, self.store = config, store
         self.rank, self.size = config.node_rank, config.nnodes
-        # A node whose heartbeat stops for this long is lost. A dead node's processes close their
-        # sockets, which the servers' collectives notice at once; this catches hung or cut-off ones.
-        self.dead_after = max(2.0, min(config.timeout / 2, 30.0))
+        self.dead_after = dead_after(config)
+        self.phase = "starting"   # sent with the heartbeat: starting, training, stopping, testing, done
+        self.activity = None      # the server's activity (ACTIVITY doubles), once it is started
+        self.peer: dict[int, dict] = {}  # each other node's last heartbeat
+        self.slow: dict[int, dict] = {}  # node -> {"waits": n, "longest_s": s}: slow, never lost
+        self.sealer = auth.Sealer(None, None)  # seals what this node sends (with a join token)
+        self.admissions: auth.Admissions | None = None  # node 0: answers join attempts
         self._lost = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     @classmethod
-    def join(cls, config: TrainConfig) -> Nodes:
-        """Meet the other nodes and check the configurations agree; raises RendezvousError."""
+    def join(cls, config: TrainConfig, resume: dict | None = None) -> Nodes:
+        """Meet the other nodes and check the configurations agree, and with --resume that the
+        nodes' checkpoints fit together (`resume`: this node's, loaded); raises RendezvousError."""
         t = config.timeout
         deadline = time.monotonic() + t
         store = connect_store(config, host=config.node_rank == 0 and not agent_store(), timeout=t)
         self = cls(config, store)
         R, M = self.rank, self.size
+
+        def wait_until(what: str) -> None:
+            if time.monotonic() > deadline:
+                raise RendezvousError(f"no {what} within --timeout {t:g} s at {config.master_addr}:"
+                                      f"{config.master_port}: is node 0 running with the same --master-port?")
+            time.sleep(0.05)
+
+        key = auth.token()
+        try:
+            self.sealer = auth.publish_mode(store, key) if R == 0 else auth.join(store, R, key, wait_until)
+        except auth.JoinRefused as e:
+            raise RendezvousError(str(e)) from None
+        nonce = auth.nonce_of(store.get("auth/mode").decode())
+        self.admissions = auth.Admissions(key, nonce, LOG)
         if store.add(f"rank/{R}", 1) > 1:
             raise RendezvousError(f"--node-rank: another node was already started with --node-rank {R}; give each of "
                                   f"the {M} nodes its own rank in 0..{M - 1}")
         mine = agreement(config)
-        store.set(f"config/{R}", json.dumps(mine, sort_keys=True))
+        # With a join token the store gets one HMAC per setting, never a value (pyasgd/nodes/auth.py).
+        shown = auth.digests(key, nonce, mine) if self.sealer.on else mine
+        facts = resume_facts(resume)
+        store.set(f"resume/{R}", self.sealer.seal(json.dumps(facts)))  # before config/R: whoever sees one sees both
+        store.set(f"config/{R}", json.dumps(shown, sort_keys=True))
         # Compare with each node's settings as soon as they arrive: a disagreement (even in
         # --nnodes) fails at once, without waiting for nodes that may never come.
         pending = [p for p in range(M) if p != R]
         while pending:
+            if R == 0:
+                self.admissions.answer(store)
             for p in [p for p in pending if store.check([f"config/{p}"])]:
                 pending.remove(p)
-                theirs = json.loads(store.get(f"config/{p}"))
-                name = first_difference(mine, theirs)
-                if name is not None:
-                    opt = "--" + name.replace("_", "-")
-                    raise RendezvousError(
-                        f"{opt}: node {R} has {mine[name]!r} but node {p} has {theirs.get(name)!r}; every node must be "
-                        f"started with the same {opt} (only {', '.join('--' + n.replace('_', '-') for n in PER_NODE)} "
-                        "may differ)")
+                check_settings(R, mine, shown, p, json.loads(store.get(f"config/{p}")), self.sealer.on)
+                theirs_facts = self.sealer.open(store.get(f"resume/{p}").decode())
+                check_checkpoints(config, R, facts, p, json.loads(theirs_facts) if theirs_facts else {})
             if pending and time.monotonic() > deadline:
                 raise RendezvousError(f"node(s) {', '.join(map(str, pending))} of --nnodes {M} did not join the "
                                       f"rendezvous at {config.master_addr}:{config.master_port} within --timeout "
@@ -181,7 +200,7 @@ class Nodes:
         while not self._stop.wait(BEAT_S):
             beat += 1
             try:
-                store.set(f"beat/{self.rank}", str(beat))
+                store.set(f"beat/{self.rank}", json.dumps({"n": beat, **self.state()}))
                 for p in seen:
                     if store.check([f"done/{p}"]) or store.check([f"stopped/{p}"]):
                         continue  # it ended its part in order: silence is expected now
@@ -191,17 +210,60 @@ class Nodes:
                     value = store.get(f"beat/{p}").decode()
                     if value != seen[p][0]:
                         seen[p] = (value, time.monotonic())
+                        self.peer[p] = _parse_beat(value)
                     elif time.monotonic() - seen[p][1] > self.dead_after and not self._lost:
                         self._lost = f"node {p} stopped responding (no heartbeat for {self.dead_after:g} s)"
+                self._report_slow()
+                if self.admissions is not None and self.rank == 0:
+                    self.admissions.answer(store, open_=False)  # the rendezvous is over: refuse latecomers
             except RuntimeError as e:  # node 0's store is gone with node 0
                 if not self._stop.is_set():
-                    self._lost = self._lost or f"node 0 is gone (its rendezvous store stopped answering: {_first_line(e)})"
+                    self._lost = self._lost or f"node 0 is gone (its rendezvous store stopped answering: {first_line(e)})"
                 return
 
-    @staticmethod
-    def _note_of(store, p: int) -> str:
+    def state(self) -> dict[str, Any]:
+        """What this node's heartbeat says besides "alive": its phase and its server's activity."""
+        a = self.activity
+        if a is None:
+            return {"phase": self.phase}
+        since = a[WAITING]
+        return {"phase": self.phase, "taken": int(a[TAKEN]), "updates": int(a[ROUNDS]), "held": int(a[HELD]),
+                "waiting_s": round(time.monotonic() - since, 1) if since else None}
+
+    def _report_slow(self) -> None:
+        """While this node's server has waited longer than --timeout for the other nodes in a
+        synchronous round, each node that is alive but not yet in that round is slow: said once
+        per round (a warning the first time), counted for the summary, never called lost."""
+        a, T = self.activity, self.config.timeout
+        since = a[WAITING] if a is not None else 0.0
+        if not since or time.monotonic() - since <= T:
+            return
+        waited, update = time.monotonic() - since, int(a[ROUNDS]) + 1
+        for p, st in self.peer.items():
+            if st.get("waiting_s") is not None and st.get("updates", -1) >= update - 1:
+                continue  # it is in this round too, waiting for someone else
+            rec = self.slow.setdefault(p, {"waits": 0, "longest_s": 0.0, "_update": None})
+            rec["longest_s"] = round(max(rec["longest_s"], waited), 1)
+            if rec["_update"] == update:
+                continue
+            rec["_update"], rec["waits"] = update, rec["waits"] + 1
+            held = st.get("held")
+            (LOG.warning if rec["waits"] == 1 else LOG.info)(
+                f"node {p} is slow, not lost: this node has waited {waited:.0f} s (over --timeout {T:g} s) for "
+                f"its part of update {update:,}; it is alive (heartbeat, {st.get('phase', '?')})"
+                + (f" and holds {held} of its {self.config.workers} gradients for it" if held is not None else ""))
+
+    def slow_nodes(self) -> dict[str, dict]:
+        """For the summary: each node that made this one wait over --timeout, how often and how long."""
+        return {str(p): {k: v for k, v in rec.items() if not k.startswith("_")} for p, rec in sorted(self.slow.items())}
+
+    def _open(self, value: bytes) -> str:
+        got = self.sealer.open(value.decode())
+        return got if got is not None else "(a note not sealed under this run's join token)"
+
+    def _note_of(self, store, p: int) -> str:
         if store.check([f"failed/{p}"]):
-            return f"node {p} failed: {store.get(f'failed/{p}').decode()}"
+            return f"node {p} failed: {self._open(store.get(f'failed/{p}'))}"
         return ""
 
     def lost(self) -> str:
@@ -211,7 +273,7 @@ class Nodes:
     def note(self, kind: str, message: str) -> None:
         """Tell the others why this node stops: kind "failed" or "stopped"."""
         try:
-            self.store.set(f"{kind}/{self.rank}", message)
+            self.store.set(f"{kind}/{self.rank}", self.sealer.seal(message))
         except RuntimeError:
             pass  # node 0 is gone: nobody to tell
 
@@ -222,7 +284,7 @@ class Nodes:
             try:
                 for kind in ("failed", "stopped"):
                     if self.store.check([f"{kind}/{node}"]):
-                        return self.store.get(f"{kind}/{node}").decode()
+                        return self._open(self.store.get(f"{kind}/{node}"))
             except RuntimeError:
                 return "(its reason is lost with node 0's store)"
             if time.monotonic() >= deadline:
@@ -243,20 +305,53 @@ class Nodes:
         nodes, each node's figures under "nodes"), the others their own, marked with their rank."""
         summary = {**summary, "nnodes": self.size, "node_rank": self.rank,
                    "total_workers": self.config.total_workers}
+        if self.slow:
+            summary["slow_nodes"] = self.slow_nodes()
         if self.rank != 0:
             try:
-                self.store.set(f"summary/{self.rank}", json.dumps(summary))
+                self.store.set(f"summary/{self.rank}", self.sealer.seal(json.dumps(summary)))
             except RuntimeError:
                 pass
             return summary
-        wait = self.config.timeout if wait is None else wait
-        per_node, deadline = {0: summary}, time.monotonic() + wait
-        while len(per_node) < self.size and time.monotonic() < deadline and not self._lost:
-            for p in range(1, self.size):
-                if p not in per_node and self.store.check([f"summary/{p}"]):
-                    per_node[p] = json.loads(self.store.get(f"summary/{p}"))
-            time.sleep(0.05)
+        per_node = {0: summary}
+        waiting = self._await_summaries(per_node, wait)
+        if waiting:
+            LOG.warning(f"node(s) {', '.join(map(str, waiting))} sent no summary; the global summary "
+                        "lists them as missing")
         return merge_summaries(per_node, self.size)
+
+    def _await_summaries(self, per_node: dict[int, dict], wait: float | None) -> list[int]:
+        """Take each node's summary as it comes, for as long as the node is alive (a node slow to
+        decode its test set is waited for; a line every --timeout says so), or at most `wait` s.
+        A node that stops beating, or says goodbye without one, is given up. Returns those given up."""
+        start = now = time.monotonic()
+        seen = {p: ("", now) for p in range(1, self.size)}
+        gone: list[int] = []
+        said = now
+        while True:
+            for p in [p for p in range(1, self.size) if p not in per_node and p not in gone]:
+                if self.store.check([f"summary/{p}"]):
+                    got = self.sealer.open(self.store.get(f"summary/{p}").decode())
+                    if got is None:
+                        gone.append(p)
+                        LOG.warning(f"node {p}'s summary is not sealed under this run's join token: ignored")
+                        continue
+                    per_node[p] = json.loads(got)
+                    continue
+                beat = self.store.get(f"beat/{p}").decode() if self.store.check([f"beat/{p}"]) else ""
+                if beat != seen[p][0]:
+                    seen[p] = (beat, now)
+                elif now - seen[p][1] > self.dead_after or self.store.check([f"done/{p}"]):
+                    gone.append(p)
+            left = [p for p in range(1, self.size) if p not in per_node and p not in gone]
+            if not left or (wait is not None and now - start > wait):
+                return gone + left
+            if now - said > self.config.timeout:
+                said = now
+                LOG.info("waiting for the summary of node(s) " + ", ".join(
+                    f"{p} (alive, {_parse_beat(seen[p][0]).get('phase', '?')})" for p in left))
+            time.sleep(0.05)
+            now = time.monotonic()
 
     def close(self) -> None:
         """Stop watching; node 0 (the store's host) waits until the others have said goodbye, so
@@ -273,6 +368,14 @@ class Nodes:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+
+def _parse_beat(value: str) -> dict[str, Any]:
+    try:
+        got = json.loads(value)
+    except ValueError:
+        return {}
+    return got if isinstance(got, dict) else {}
 
 
 # Per-node summary fields added up into the global summary.
@@ -308,7 +411,7 @@ def merge_summaries(per_node: dict[int, dict[str, Any]], size: int) -> dict[str,
     out["staleness_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
     out["avg_staleness"] = sum(int(k) * v for k, v in hist.items()) / n if n else None
     keep = ("updates", "tokens", "wps", "avg_staleness", "staleness_hist", "wall_s", "stopped_because", "run_dir",
-            "shard", "internode")
+            "shard", "internode", "slow_nodes")
     out["nodes"] = [{"node_rank": p, **{k: per_node[p].get(k) for k in keep}} if p in per_node
                     else {"node_rank": p, "missing": True} for p in range(size)]
     return out

@@ -359,10 +359,6 @@ class ShardServer:
             self._maybe_release(pid)
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def collect_loop(self) -> None:
     """The collector thread of a ShardServer (`self`): every local gradient, and any failure, becomes
     an event for the server's loop."""
@@ -387,8 +383,5 @@ def reassemble(server: Server, group: NodeGroup, bounds: list[tuple[int, int]]) 
     its shard, and every node publishes the whole."""
     full = server.region.front().clone() if server.in_region else server.pulled()
     for s, (lo, hi) in enumerate(bounds):
-        try:
-            group.pg.broadcast(full[lo:hi], s).wait()
-        except RuntimeError as e:
-            raise NodeLostError(f"reassembling the parameters from node {s}'s shard failed: {_first_line(e)}") from None
+        group.broadcast(full[lo:hi], s, f"reassembling the parameters from node {s}'s shard")
     server.region.publish(full)

@@ -8,11 +8,31 @@ import time
 
 import torch
 
-from pyasgd.nodes.allreduce import FAIL, GO, STOP, NodeEnded, NodeGroup, NodeLostError, vote_of
+from pyasgd.nodes.allreduce import FAIL, GO, STOP, NodeEnded, NodeGroup, NodeLostError, leave_when_told, vote_of
+from pyasgd.nodes.rendezvous import HELD, ROUNDS, TAKEN, WAITING
 from pyasgd.trainer.proc import parent_gone
 from pyasgd.trainer.server import Server, collect_one
 from pyasgd.trainer.stops import StopReason
 from pyasgd.trainer.update import Applied, weighted_sum
+
+
+class Activity:
+    """What the server tells its launcher (and so the other nodes' heartbeat watch) of its
+    progress: the shared array of pyasgd.nodes.rendezvous.TAKEN... (nothing without one)."""
+
+    def __init__(self, array) -> None:
+        self.a = array
+
+    def set(self, i: int, value: float) -> None:
+        if self.a is not None:
+            self.a[i] = value
+
+    def took(self, held: int) -> None:
+        if self.a is not None:
+            self.a[TAKEN] += 1
+            self.a[HELD] = held
+
+
 
 
 def serve_sync_nodes(server: Server) -> tuple[object, dict]:
@@ -22,7 +42,9 @@ def serve_sync_nodes(server: Server) -> tuple[object, dict]:
 
     config, region, up, q = server.config, server.region, server.up, server.args.queue
     N, R = config.workers, config.node_rank
-    group = NodeGroup(config)
+    group = NodeGroup(config, on_wait=leave_when_told(server))
+    activity = Activity(server.args.activity)
+    activity.set(ROUNDS, server.up.step)
     if server.resumed:
         _agree_on_resume(group, server)
     q.put({"kind": "server_ready"})
@@ -48,12 +70,14 @@ def serve_sync_nodes(server: Server) -> tuple[object, dict]:
                         continue
                     idle_since = time.monotonic()
                     held.append(taken)
+                    activity.took(len(held))
                     if len(held) < N:
                         region.ack(taken)  # in this round's sum: its pusher waits for the next version
                         continue
             batch = GradientBatch.merge(held) if held else None
             mine = batch is not None and vote == GO
             dropped = weighted_sum(batch.grads, batch.staleness, config, local) if mine else 0
+            activity.set(WAITING, time.monotonic())
             try:
                 total, votes, kept = group.sync_round(local if mine else None,
                                                       len(batch.grads) - dropped if mine else 0, vote, buf)
@@ -61,6 +85,10 @@ def serve_sync_nodes(server: Server) -> tuple[object, dict]:
                 if batch is not None:
                     region.release(batch)
                 raise
+            finally:
+                activity.set(WAITING, 0.0)
+            # Time spent waiting for the other nodes is not this node's workers being idle.
+            idle_since = time.monotonic()
             rounds += 1
             if any(v != GO for v in votes):  # a node stops: the round is void everywhere
                 if batch is not None:
@@ -77,6 +105,8 @@ def serve_sync_nodes(server: Server) -> tuple[object, dict]:
                 region.end_update(batch, publish=res is not None and res.publish)
             res.dropped = dropped
             up.dropped += dropped
+            activity.set(ROUNDS, up.step)
+            activity.set(HELD, 0)
             used = Applied(batch.staleness, batch.tokens, batch.losses,
                            [config.global_rank(w) for w in batch.workers], batch.positions,
                            local_workers=batch.workers)

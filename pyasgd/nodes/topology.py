@@ -33,14 +33,27 @@ class Nodes(OneNode):
     def server_reports_ready(self) -> bool:
         return True
 
-    def join(self) -> None:
+    def join(self, resume: dict | None = None) -> None:
         from pyasgd.nodes.rendezvous import Nodes as Rendezvous
 
-        self.link = Rendezvous.join(self.config)
+        self.link = Rendezvous.join(self.config, resume)
 
     def close(self) -> None:
         if self.link is not None:
             self.link.close()
+
+    def activity_array(self, ctx):
+        from pyasgd.nodes.rendezvous import ACTIVITY
+
+        return ctx.Array("d", ACTIVITY, lock=False)
+
+    def watch_server(self, activity) -> None:
+        if self.link is not None:
+            self.link.activity = activity
+
+    def set_phase(self, phase: str) -> None:
+        if self.link is not None:
+            self.link.phase = phase
 
     def lost(self) -> str:
         return self.link.lost() if self.link is not None else ""
@@ -63,6 +76,10 @@ class Nodes(OneNode):
 class SyncNodes(Nodes):
     """Synchronous SGD across nodes: each server sums its node's N gradients and the M node sums
     are all-reduced, so every node applies the same update (pyasgd/nodes/sync_server.py)."""
+
+    @property
+    def barrier_timeout(self) -> float | None:
+        return None  # the next version waits for the slowest node: slow is not lost
 
     def serve(self, server) -> tuple[Any, dict[str, Any]]:
         from pyasgd.nodes.sync_server import serve_sync_nodes
@@ -100,10 +117,10 @@ class ShardedNodes(Nodes):
                 "view": view, "shard_stats": server.counts}
 
     def serve(self, server) -> tuple[Any, dict[str, Any]]:
-        from pyasgd.nodes.allreduce import NodeGroup
+        from pyasgd.nodes.allreduce import NodeGroup, leave_when_told
         from pyasgd.nodes.sharded import ShardServer, shard_bounds
 
-        group = NodeGroup(self.config)
+        group = NodeGroup(self.config, on_wait=leave_when_told(server))
         shards = ShardServer(server, group, shard_bounds(server.region.n, self.config.nnodes))
         shards.start(resumed=bool(server.resumed))
         server.args.queue.put({"kind": "server_ready"})

@@ -74,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         if choices:  # shown as {a,b}; "" (the default's meaning, said in the help) is accepted but not shown
             kw = {"choices": choices, "metavar": "{" + ",".join(c for c in choices if c) + "}"}
         g.add_argument(opt(f.name), dest=f.name, default=None, help=help_, **kw)
+    groups["nodes"].add_argument(
+        "--rdzv-token", metavar="TOKEN", default=None,
+        help="across nodes: a secret every node must prove it knows to join (HMAC at the rendezvous); without it "
+             "the settings are not readable in node 0's store. Prefer the environment variable PYASGD_RDZV_TOKEN "
+             "(an option shows in ps). It does not protect the gloo traffic: keep nodes on a private network. "
+             "Not saved: give it again on --resume.")
     return p
 
 
@@ -107,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pyasgd-train: error: {e}", file=sys.stderr)
         return 2
 
+    if args.rdzv_token is not None:
+        from pyasgd.nodes import auth
+
+        os.environ[auth.ENV] = args.rdzv_token  # the launcher and its server read it there
     from pyasgd.trainer.launch import TrainingError, train
     from pyasgd.trainer.proc import set_name, stop_resource_tracker
 

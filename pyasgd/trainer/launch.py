@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from pyasgd import testing
 from pyasgd.config import TrainConfig
 from pyasgd.core import checkpoint
 from pyasgd.core.flat import FlatModel
@@ -68,7 +69,7 @@ def _train(config: TrainConfig, con: Console) -> dict[str, Any]:
         except SaveError as e:  # the simulator's own files: a full disk
             raise TrainingError(after_save_failure(str(e), run_dir)) from None
     topology = topology_for(config)
-    topology.join()  # before anything is created: a bad rendezvous leaves nothing behind
+    topology.join(resume)  # before anything is created: a bad rendezvous leaves nothing behind
     try:
         try:
             run_dir = rundir.prepare(config, topology.run_tag)
@@ -158,12 +159,15 @@ class Supervisor:
                 stopped_because = self.validation.serve(schedule.due(log.updates, log.tokens), evaluated)
                 stopped_because = self._check_health() or stopped_because
             LOG.info(f"stopping ({stopped_because}) at update {log.updates:,}")
+            self.topology.set_phase("stopping")
             self._stop(stopped_because)
+            self.topology.set_phase("testing")
             train_end = time.monotonic()  # wall_s and wps count training, not the final decoding
             torch.set_num_threads(os.cpu_count() or 1)  # the workers are gone: all cores
             if not self.failure:
                 try:
                     validate_last(task, flat, log, self.run_dir, log.updates, evaluated.pull(flat.params))
+                    testing.pause_before_test()
                     extra = final_test(task, flat, self.run_dir)
                 except SaveError as e:  # best.pt or metrics.jsonl on a full disk
                     self.failure = after_save_failure(str(e), self.run_dir)
@@ -209,10 +213,12 @@ class Supervisor:
             cursors[:] = _resume_positions(resume, c.workers)
         self.common = dict(config=c, topology=self.topology, region=self.region.name, cursors=cursors,
                            stop=self.stop, queue=self.queue)
+        activity = self.topology.activity_array(ctx)  # across nodes: the server's progress, for the heartbeat
+        self.topology.watch_server(activity)
         self.procs.append(ctx.Process(target=server_main, name="server", daemon=True, args=(ServerArgs(
             checkpoint_path=self.ckpt_path, resume_state=self.ckpt_path if resume is not None else "",
             stop_request=self.stop_request, eval_region=self.eval_region.name if self.eval_region else "",
-            **self.common),)))
+            activity=activity, **self.common),)))
         self.procs[0].start()
         for rank in range(c.workers):
             self.procs.append(start_worker(self.ctx, rank, go=self.go, **self.common))
@@ -259,6 +265,7 @@ class Supervisor:
             # is formed and the parameters are assembled): the clock starts now.
             if self.ready == self.config.workers + self.topology.server_reports_ready:
                 self.go.set()
+                self.topology.set_phase("training")
                 LOG.info(f"all {self.config.workers} workers ready, {time.monotonic() - self.start:.1f} s after "
                          f"they were started; training until {limits_text(self.config)}")
                 self.start = self.log.t0 = time.monotonic()

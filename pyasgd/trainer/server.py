@@ -31,6 +31,7 @@ class ServerArgs:
     queue: object = None         # mp.Queue of records to the launcher
     stop_request: object = None  # mp.Value holding a StopRequest: why the launcher set `stop`
     eval_region: str = ""        # with --predict or --ema: where the evaluated parameters are published
+    activity: object = None      # across nodes: mp.Array of the server's activity (pyasgd.nodes.rendezvous.TAKEN...)
 
 
 def server_main(args: ServerArgs) -> None:
@@ -151,6 +152,7 @@ def _serve(args: ServerArgs) -> None:
         positions = list(args.cursors[:]) if args.cursors is not None else [0] * config.workers
         server.book = UpdateBook(config, up, sink=args.queue.put, save=server.save, t0=time.monotonic(),
                                  positions=positions, progress=progress, fault_at=testing.server_fault_step(),
+                                 pause_at=testing.server_pause(),
                                  on_publish=server.publish_eval)
         reason, extra = topology.serve(server)
         server.save()

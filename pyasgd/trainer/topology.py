@@ -49,6 +49,12 @@ class OneNode:
         """U counted in the region's versions: a worker pulls when it is U versions behind."""
         return self.config.pull_every
 
+    @property
+    def barrier_timeout(self) -> float | None:
+        """How long a synchronous worker waits at the barrier for the next version before it fails
+        (None: as long as the run goes on; the server and the launcher decide when it cannot)."""
+        return self.config.timeout
+
     # -- the launcher's side ------------------------------------------------------------------------
     @property
     def region_G(self) -> int:
@@ -66,8 +72,18 @@ class OneNode:
         clock waits for it too."""
         return False
 
-    def join(self) -> None:
-        """Meet the other nodes (before anything is created)."""
+    def join(self, resume: dict | None = None) -> None:
+        """Meet the other nodes (before anything is created); `resume`: this node's checkpoint."""
+
+    def watch_server(self, activity) -> None:
+        """The server's activity array (None on one node: nobody else to tell)."""
+
+    def activity_array(self, ctx):
+        """What the server shares of its progress with the launcher, for the other nodes."""
+        return None
+
+    def set_phase(self, phase: str) -> None:
+        """Where the launcher stands (starting, training, stopping, testing), for the other nodes."""
 
     def close(self) -> None:
         """Leave the other nodes."""

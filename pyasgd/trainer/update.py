@@ -321,16 +321,17 @@ class UpdateBook:
     checkpoint), the update record, a checkpoint every --save-every updates, and the stop at
     --max-updates. `sink` takes each record (the launcher's queue, or the simulator's log);
     `save` writes a checkpoint; `fault_at` (tests only, pyasgd/testing.py) makes it raise after
-    that update."""
+    that update, `pause_at` (update, seconds) stop that long after it."""
 
     def __init__(self, config: TrainConfig, up: Updater, *, sink: Callable[[dict], None], save: Callable[[], None],
                  t0: float, positions: list[int] | None = None, progress: dict | None = None,
-                 fault_at: int | None = None, on_publish: Callable[[], None] | None = None) -> None:
+                 fault_at: int | None = None, on_publish: Callable[[], None] | None = None,
+                 pause_at: tuple[int, float] | None = None) -> None:
         self.config, self.up, self.sink, self.save, self.t0 = config, up, sink, save, t0
         self.on_publish = on_publish  # after each published update (the server's eval region)
         self.positions = positions
         self.progress = progress if progress is not None else {"tokens": 0, "gradients": 0}
-        self.fault_at = fault_at
+        self.fault_at, self.pause_at = fault_at, pause_at
 
     def after_update(self, res: UpdateResult, version: int, used: Applied, extra: dict | None = None) -> str:
         """Account for one update; returns "max_updates" when the run must stop, else ""."""
@@ -350,4 +351,6 @@ class UpdateBook:
             self.save()
         if res.applied and up.step == self.fault_at:
             raise testing.server_fault_error(up.step)
+        if res.applied and self.pause_at is not None and up.step == self.pause_at[0]:
+            time.sleep(self.pause_at[1])
         return "max_updates" if c.max_updates and up.step >= c.max_updates else ""

@@ -90,7 +90,7 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
             if pushes == fault_after:
                 raise testing.worker_fault_error(rank, pushes)
             if sync:  # the barrier: our gradient is in the update everyone computes from next
-                round_version = region.wait_version(round_version, timeout=config.timeout)
+                round_version = barrier(region, round_version, args)
             else:  # parameter-server order: push, the server takes it, then pull
                 region.wait_processed(timeout=config.timeout)
             if region.version - pulled >= U:
@@ -109,3 +109,18 @@ def _work(args: WorkerArgs, config: TrainConfig) -> None:
         q.put({"kind": "progress", "worker": rank, "epoch": cursor.epoch, "pushes": pushes,
                "compute_s": round(compute_s, 3), "wait_s": round(wait_s, 3), "final": True})
         region.close()
+
+
+def barrier(region, version: int, args) -> int:
+    """Wait for the version after `version` (the synchronous barrier), for --timeout, or across
+    nodes for as long as the run goes on (the slowest node sets the pace; the launcher's stop
+    closes the region, which wakes us)."""
+    from pyasgd.core.region import RegionTimeoutError
+
+    limit = args.topology.barrier_timeout
+    while True:
+        try:
+            return region.wait_version(version, timeout=limit if limit is not None else 5.0)
+        except RegionTimeoutError:
+            if limit is not None:
+                raise
