@@ -6,6 +6,7 @@ SIGKILLed mid-copy, and every committed gradient is summed exactly once.
 
     python benchmarks/soak.py                      # 30 runs, all faults, prints a table
     python benchmarks/soak.py --runs 6 --faults fifo,worker_raise --seed 3
+    python benchmarks/soak.py --nodes 2 --runs 24  # two launchers on 127.0.0.1 (benchmarks/soak_nodes.py)
 
 A short version runs in the tests (tests/test_soak.py).
 """
@@ -302,7 +303,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--translation-every", type=int, default=5, help="every k-th run trains the tiny translation model")
     ap.add_argument("--ring-rounds", type=int, default=40, help="victim kills in the ring check (0: skip it)")
     ap.add_argument("--work", help="directory for the runs (default: a temporary one)")
+    ap.add_argument("--nodes", type=int, default=1, choices=(1, 2),
+                    help="2: the two-node soak (faults: worker_kill, launcher_kill, node_kill, node_term, slow, "
+                         "wrong_token)")
     args = ap.parse_args(argv)
+    if args.nodes == 2:
+        import soak_nodes
+
+        faults = list(soak_nodes.FAULTS) if args.faults == ",".join(FAULTS) else args.faults.split(",")
+        work = args.work or tempfile.mkdtemp(prefix="pyasgd-soak-nodes-")
+        os.makedirs(work, exist_ok=True)
+        return soak_nodes.main(args.runs, args.seed, work, [f for f in faults if f])
     faults = [f for f in args.faults.split(",") if f]
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown:

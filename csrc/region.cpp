@@ -138,9 +138,10 @@ std::string space_message(const std::string& dir, const Layout& L, uint64_t free
          "at a larger tmpfs, or train fewer parameters or use fewer slots (workers + global_accum).";
 }
 
-// The owner's locked fds, registered so that a forked child can drop its inherited copies: a
-// flock belongs to the open file description, so a child holding a duplicate would keep a dead
-// owner's segment "alive" for the sweep. Entries hold fd + 1 (0: empty); static zero-init, and
+// The locked fds (the owner's flock fd, each process's slot-lock fd), registered so that a forked
+// child can drop its inherited copies: a lock belongs to the open file description, so a child
+// holding a duplicate would keep a dead owner's segment "alive" for the sweep (or a dead pusher's
+// slot from being reclaimed). Entries hold fd + 1 (0: empty); static zero-init, and
 // no lock, since the child handler runs where only the forking thread exists. A fork racing a
 // create() in another thread may still inherit the fd before it is registered: that child then
 // keeps the segment until it exits, which delays the sweep but never removes a live segment.
@@ -369,9 +370,7 @@ std::unique_ptr<Region> Region::create(uint64_t n, uint64_t slots, uint32_t grad
   }
   std::unique_ptr<Region> r(new Region());
   r->map_ = std::make_shared<Mapping>(base, L.total_bytes);
-  r->base_fd_ = map_fd;  // kept for the slot locks (its own description: no flock on it)
-  r->lock_fd_ = map_fd;
-  r->lock_pid_ = getpid();
+  r->base_fd_ = map_fd;  // kept: the slot locks' description is opened from it (slot_lock_fd)
   r->lock_entry_ = register_owner_lock(fd);
   if (r->lock_entry_ < 0) {
     r.reset();  // closes map_fd
@@ -477,8 +476,7 @@ std::unique_ptr<Region> Region::attach(const std::string& name) {
   r->name_ = bare;
   r->path_ = path;
   r->map_ = std::move(map);
-  r->base_fd_ = r->lock_fd_ = guard.fd;
-  r->lock_pid_ = getpid();
+  r->base_fd_ = guard.fd;
   guard.fd = -1;
   r->h_ = h;
   r->lay_ = L;
@@ -510,7 +508,7 @@ Region::~Region() {
     unlink();
     release_owner_lock(lock_entry_);  // after the unlink: no sweep ever sees it unlocked
   }
-  if (lock_fd_ >= 0 && lock_fd_ != base_fd_ && lock_pid_ == getpid()) ::close(lock_fd_);
+  if (lock_fd_ >= 0 && lock_pid_ == getpid()) release_owner_lock(lock_entry_slots_);  // closes it
   if (base_fd_ >= 0) ::close(base_fd_);
   // map_ goes with the last view of the memory (see Mapping).
 }
@@ -619,16 +617,27 @@ uint64_t Region::wait_version(uint64_t above, double timeout) {
 // reclaimer asks the lock, never the pid, and pid reuse (or a pusher in another PID namespace)
 // can neither keep a dead pusher's slot from being reclaimed nor free a live pusher's slot.
 // These locks are independent of the owner's flock on the file (Linux keeps the two apart).
+// The locks live on a description of their own, opened on first use by each process (never the
+// mapping's, which a forked child inherits with the mapping) and registered like the owner's
+// flock fd, so a forked child closes its inherited copy at once and a dead pusher's locks go with
+// it, whatever children it forked. Within one process the locks do not exclude each other: held_
+// does (kBusy while this object claims, reclaims, commits or abandons a slot).
 constexpr off_t kSlotLockBase = off_t{1} << 40;  // beyond any segment: locks need no bytes
+constexpr uint64_t kBusy = ~uint64_t{0};
 
 int Region::slot_lock_fd() {
   const int me = getpid();
-  if (lock_pid_ != me) {
-    // A forked child shares its parent's descriptions (and so its locks): it opens its own.
+  if (lock_pid_ != me || lock_fd_ < 0) {
     const std::string self = "/proc/self/fd/" + std::to_string(base_fd_);
     int fd = ::open(self.c_str(), O_RDWR | O_CLOEXEC);
     if (fd < 0) throw std::runtime_error(errno_text("opening the shared region " + path_ + " for its slot locks"));
+    int entry = register_owner_lock(fd);
+    if (entry < 0) {
+      ::close(fd);
+      throw std::runtime_error("one process cannot hold more than " + std::to_string(kMaxOwned) + " shared regions");
+    }
     lock_fd_ = fd;
+    lock_entry_slots_ = entry;
     lock_pid_ = me;
   }
   return lock_fd_;
@@ -665,12 +674,17 @@ std::vector<Reclaimed> Region::reclaim_dead() {
     uint64_t w = s.own.load(std::memory_order_acquire);
     // A slot this object holds is ours and alive (and our own description's lock would not
     // stop us: a lock never conflicts with its owner).
-    if (state(w) != kWriting || held_[k].load(std::memory_order_acquire) != 0) continue;
+    if (state(w) != kWriting) continue;
+    uint64_t none = 0;
+    if (!held_[k].compare_exchange_strong(none, kBusy, std::memory_order_acq_rel)) continue;
     const int worker = s.worker;
     test_delay("reclaim");
     // Its writer holds the slot's lock for as long as it writes: taking it proves the writer
     // dead, and holding it keeps claimers off until the slot is FREE.
-    if (!try_lock_slot(static_cast<int>(k))) continue;
+    if (!try_lock_slot(static_cast<int>(k))) {
+      held_[k].store(0, std::memory_order_release);
+      continue;
+    }
     // From the exact word seen: if another reclaimer freed it and a live pusher claimed it
     // meanwhile, the generation differs and this fails.
     if (s.own.compare_exchange_strong(w, make(kFree, gen(w), 0), std::memory_order_acq_rel)) {
@@ -678,6 +692,7 @@ std::vector<Reclaimed> Region::reclaim_dead() {
       out.push_back({static_cast<int>(k), pid(w), worker});
     }
     unlock_slot(static_cast<int>(k));
+    held_[k].store(0, std::memory_order_release);
   }
   if (!out.empty()) bump_and_wake(h_->free_word, h_->free_sleepers);
   return out;
@@ -696,22 +711,27 @@ int Region::claim(int worker, double timeout) {
       SlotMeta& s = meta(k);
       uint64_t w = s.own.load(std::memory_order_relaxed);
       if (state(w) != kFree) continue;
+      uint64_t none = 0;  // another thread of this object is at this slot: not ours to take
+      if (!held_[k].compare_exchange_strong(none, kBusy, std::memory_order_acq_rel)) continue;
       // The slot's lock first (held until the slot leaves WRITING: see "Slot locks"); one held
       // by someone else on a FREE slot is a claimer or reclaimer in the middle of its step.
-      if (!try_lock_slot(k)) continue;
+      if (!try_lock_slot(k)) {
+        held_[k].store(0, std::memory_order_release);
+        continue;
+      }
       w = s.own.load(std::memory_order_relaxed);
       // State, a new generation and our pid in one step: there is no moment at which the slot is
       // WRITING under someone else's (possibly dead) pid.
       const uint64_t mine = make(kWriting, gen(w) + 1, static_cast<uint32_t>(me));
-      held_[k].store(mine, std::memory_order_release);  // before the CAS: our reclaim skips it
       if (state(w) == kFree && s.own.compare_exchange_strong(w, mine, std::memory_order_acquire)) {
+        held_[k].store(mine, std::memory_order_release);
         test_delay("claim");
         s.worker = worker;
         got = k;
         return true;
       }
-      held_[k].store(0, std::memory_order_relaxed);
       unlock_slot(k);
+      held_[k].store(0, std::memory_order_release);
     }
     return false;
   };
@@ -723,14 +743,13 @@ int Region::claim(int worker, double timeout) {
 
 // The ownership word this process's claim installed on `slot`, given up by this call: a slot can
 // be committed or abandoned once, and only by the process that claimed it. held_ stays non-zero
-// (kGivingUp) until the caller has moved the slot out of WRITING and let go of its lock, so this
+// (kBusy) until the caller has moved the slot out of WRITING and let go of its lock, so this
 // object's own reclaim_dead never takes it meanwhile.
-constexpr uint64_t kGivingUp = ~uint64_t{0};
 
 uint64_t Region::take_held(int slot, const char* what) {
   check_slot(slot, what);
-  uint64_t w = held_[slot].exchange(kGivingUp, std::memory_order_acq_rel);
-  if (w == kGivingUp) w = 0;  // another thread is committing or abandoning it
+  uint64_t w = held_[slot].exchange(kBusy, std::memory_order_acq_rel);
+  if (w == kBusy) w = 0;  // another thread is committing or abandoning it
   else if (w == 0) held_[slot].store(0, std::memory_order_release);
   if (w == 0)
     throw std::runtime_error(std::string(what) + ": slot " + std::to_string(slot) +

@@ -233,9 +233,10 @@ class Region {
   int slot_lock_fd();
   bool try_lock_slot(int k);
   void unlock_slot(int k);
-  int base_fd_ = -1;       // the segment, opened by create()/attach() (not the owner's flocked one)
-  int lock_fd_ = -1;       // base_fd_, or in a forked child a fresh open of it (its own description)
-  int lock_pid_ = 0;       // the process lock_fd_ belongs to
+  int base_fd_ = -1;          // the segment as mapped by create()/attach() (not the owner's flocked fd)
+  int lock_fd_ = -1;          // the slot locks' own description (opened on first use, per process)
+  int lock_entry_slots_ = -1;  // where lock_fd_ is registered (a forked child closes its copy)
+  int lock_pid_ = 0;          // the process lock_fd_ belongs to
   int creator_pid_ = 0;  // owner only
   int lock_entry_ = -1;  // owner only: where the locked fd is registered (region.cpp)
   bool unlinked_ = false;

@@ -13,6 +13,8 @@ import time
 import pytest
 import torch
 
+import helpers
+
 from pyasgd.config import TrainConfig
 from pyasgd.nodes import auth
 from pyasgd.nodes.agree import RendezvousError, check_checkpoints, check_settings, resume_facts
@@ -25,29 +27,34 @@ from test_multinode import assert_all_gone, finish, free_port, node_args, start_
 def test_sealed_text_opens_only_under_the_same_token_and_nonce_and_unaltered():
     s = auth.Sealer(b"secret", "n1")
     text = json.dumps({"run_dir": "/data/run0", "lr": 0.01})
-    sealed = s.seal(text)
-    assert "run0" not in sealed and "0.01" not in sealed and sealed != s.seal(text)  # a fresh nonce each time
-    assert s.open(sealed) == text
-    assert auth.Sealer(b"other", "n1").open(sealed) is None
-    assert auth.Sealer(b"secret", "n2").open(sealed) is None
+    sealed = s.seal(text, "summary/1")
+    assert "run0" not in sealed and "0.01" not in sealed and sealed != s.seal(text, "summary/1")  # a fresh IV each time
+    assert s.open(sealed, "summary/1") == text
+    assert s.open(sealed, "summary/2") is None  # moved to another key: refused
+    assert auth.Sealer(b"other", "n1").open(sealed, "summary/1") is None
+    assert auth.Sealer(b"secret", "n2").open(sealed, "summary/1") is None
     import base64
     for at in (0, 20, -1):  # one altered bit: in the IV, the tag, the ciphertext
         raw = bytearray(base64.b64decode(sealed[len("sealed:"):]))
         raw[at] ^= 1
-        assert s.open("sealed:" + base64.b64encode(bytes(raw)).decode()) is None
-    assert s.open(text) is None and s.open("sealed:@@") is None  # not sealed, not base64
-    assert auth.Sealer(None, None).open(text) == text  # an open run: the identity
+        assert s.open("sealed:" + base64.b64encode(bytes(raw)).decode(), "summary/1") is None
+    assert s.open(text, "summary/1") is None and s.open("sealed:@@", "summary/1") is None  # not sealed, not base64
+    assert auth.Sealer(None, None).open(text, "summary/1") == text  # an open run: the identity
 
 
 def test_settings_digests_hide_values_but_name_the_first_difference():
     key, nonce = b"k", "n"
     mine = {"seed": 1, "lr": 0.01, "workers": 2}
-    theirs = auth.digests(key, nonce, {**mine, "lr": 0.02})
-    shown = auth.digests(key, nonce, mine)
-    assert "0.01" not in json.dumps(shown) and shown["seed"] == auth.digests(key, nonce, {"seed": 1})["seed"]
+    theirs = auth.digests(key, nonce, {**mine, "lr": 0.02}, 1)
+    shown = auth.digests(key, nonce, mine, 1)  # this node's values as node 1 would publish them
+    assert "0.01" not in json.dumps(shown) and shown["seed"] == auth.digests(key, nonce, {"seed": 1}, 1)["seed"]
     with pytest.raises(RendezvousError, match=r"^--lr: node 0 has 0.01 but node 1 has a different value; every node"):
         check_settings(0, mine, shown, 1, theirs, sealed=True)
-    check_settings(0, mine, shown, 1, auth.digests(key, nonce, mine), sealed=True)
+    check_settings(0, mine, shown, 1, auth.digests(key, nonce, mine, 1), sealed=True)
+    with pytest.raises(RendezvousError, match="^--(workers|seed|lr): "):  # node 0's digests copied as node 1's: refused
+        check_settings(0, mine, shown, 1, auth.digests(key, nonce, mine, 0), sealed=True)
+    with pytest.raises(RendezvousError, match="^--(workers|seed|lr): "):  # garbage
+        check_settings(0, mine, shown, 1, ["not", "a", "dict"], sealed=True)
 
 
 @pytest.fixture
@@ -77,7 +84,7 @@ def test_node_0_admits_only_a_node_that_proves_the_token(store, token, admitted,
     host, joiner = store(), store()
     sealer0 = auth.publish_mode(host, b"secret")
     log = Log()
-    door = auth.Admissions(b"secret", auth.nonce_of(host.get("auth/mode").decode()), log)
+    door = auth.Admissions(sealer0, log)
     stop = threading.Event()
 
     def serve():
@@ -90,7 +97,7 @@ def test_node_0_admits_only_a_node_that_proves_the_token(store, token, admitted,
         start = time.monotonic()
         if admitted:
             sealer1 = auth.join(joiner, 1, token, lambda what: time.sleep(0.01))
-            assert sealer1.open(sealer0.seal("hello")) == "hello"  # both hold the same sealing keys
+            assert sealer1.open(sealer0.seal("hello", "k"), "k") == "hello"  # both hold the same sealing keys
             assert not log.lines
         else:
             with pytest.raises(auth.JoinRefused, match=says):
@@ -109,6 +116,27 @@ def test_a_token_node_refuses_an_open_node_0_and_latecomers_are_refused(store):
     with pytest.raises(auth.JoinRefused, match="this node has a join token but node 0 runs without one"):
         auth.join(joiner, 1, b"secret", lambda what: time.sleep(0.01))
     assert not auth.join(store(), 1, None, lambda what: None).on  # an open run: as before
+
+
+def test_a_malformed_attempt_or_verdict_is_refused_not_a_crash(store):
+    host, joiner = store(), store()
+    log = Log()
+    door = auth.Admissions(auth.publish_mode(host, b"secret"), log)
+    n = host.add("auth/attempts", 1)
+    host.set(f"auth/attempt/{n}", json.dumps({"node": 1, "proof": "\u00e9" * 64}))  # not ASCII
+    host.add("auth/attempts", 1)  # counted, never written (its node died): skipped after 5 s
+    n3 = host.add("auth/attempts", 1)
+    host.set(f"auth/attempt/{n3}", "not json")
+    deadline = time.monotonic() + 20
+    while not host.check([f"auth/verdict/{n3}"]):
+        door.answer(host)
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not json.loads(host.get(f"auth/verdict/{n}"))["admitted"] and len(log.lines) == 2
+    host.set("auth/verdict/4", "[]")
+    host.add("auth/attempts", 0)
+    with pytest.raises(auth.JoinRefused, match="not readable"):
+        auth.join(joiner, 1, b"secret", lambda what: time.sleep(0.01))
 
 
 def test_an_impostor_node_0_is_not_joined(store):
@@ -256,7 +284,7 @@ def test_a_node_3x_slow_finishes_with_both_nodes_in_the_summary(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_hung_node_is_lost_by_its_silence_and_the_other_leaves_its_collective(tmp_path):
+def test_a_hung_node_is_lost_by_its_silence_and_the_other_leaves_its_collective(tmp_path, request):
     """Node 1 stopped whole (SIGSTOP: sockets open, no heartbeat): node 0's server waits in the
     all-reduce until its launcher names node 1 lost, then leaves the collective it waits in
     (abandon: exit without waiting on gloo), saves, and the run ends within --timeout."""
@@ -270,6 +298,8 @@ def test_a_hung_node_is_lost_by_its_silence_and_the_other_leaves_its_collective(
     try:
         wait_training(tmp_path, procs)
         kids0 = children(procs[0].pid)
+        semaphores = helpers.semaphores_of(procs[1].pid)  # its resource tracker dies with it: nobody unlinks them
+        request.addfinalizer(lambda: helpers.remove_files(semaphores))
         os.killpg(procs[1].pid, signal.SIGSTOP)
         t = time.monotonic()
         (code0, _, err0), = finish(procs[:1], timeout=timeout + 60)

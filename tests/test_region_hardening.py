@@ -192,6 +192,41 @@ def test_a_live_pushers_slot_is_never_freed_though_its_pid_looks_dead(shm_dir):
             p.communicate(timeout=60)
 
 
+CLAIM_THEN_FORK = """
+    import os, sys, time
+    from pyasgd.core.region import SharedRegion
+    region = SharedRegion.attach(sys.argv[1])
+    region._handle().claim(23, 30.0)
+    child = os.fork()
+    if child == 0:  # inherits every fd and the mapping, and outlives its parent
+        time.sleep(120)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_forked_child_does_not_keep_its_dead_parents_slot(shm_dir):
+    """A pusher that forked (a data loader, say) and was killed mid-write: its child inherited its
+    descriptors, but not its slot lock (the child closes the lock's fd at fork), so the slot is
+    reclaimed while the child lives on."""
+    with SharedRegion.create(16, 1) as region:
+        p = popen_py(CLAIM_THEN_FORK, region.name)
+        child = None
+        try:
+            child = int(p.stdout.readline())
+            assert region.slot_state(0) == WRITING and region.reclaim_dead() == []
+            p.kill()
+            p.wait(30)
+            os.kill(child, 0)  # still alive
+            assert region.reclaim_dead() == [(0, p.pid, 23)]
+        finally:
+            if child:
+                os.kill(child, signal.SIGKILL)  # first: it holds the pipes open too
+            p.kill()
+            p.communicate(timeout=30)
+
+
 def test_a_second_commit_or_abandon_cannot_touch_a_slot_being_read(shm_dir):
     """A pusher that commits (or abandons) a slot it already committed must get an error, and
     the slot the server is reading must stay READING: not READY (read twice) nor FREE (overwritten

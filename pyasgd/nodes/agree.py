@@ -70,8 +70,11 @@ def first_difference(mine: dict[str, Any], theirs: dict[str, Any]) -> str | None
 
 def check_settings(me: int, mine: dict[str, Any], shown: dict[str, Any], p: int, theirs: dict[str, Any],
                    sealed: bool) -> None:
-    """Node `p` published `theirs` (settings, or with a join token their digests, as this node
-    published `shown` for its settings `mine`): the first field that differs fails, naming it."""
+    """Node `p` published `theirs` (settings, or with a join token their digests; `shown`: this
+    node's settings `mine` as node p would publish them): the first field that differs fails,
+    naming it."""
+    if not isinstance(theirs, dict):
+        theirs = {}
     name = first_difference(shown, theirs)
     if name is None:
         return

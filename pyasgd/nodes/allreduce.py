@@ -121,10 +121,15 @@ class NodeGroup:
         self.config, self.rank, self.size = config, config.node_rank, config.nnodes
         self.on_wait = on_wait  # called every POLL while a collective waits (it may raise NodeLostError)
         self.store = connect_store(config, host=False, timeout=config.timeout)
-        self.sealer = auth.open_sealer(self.store)
+        try:
+            self.sealer = auth.open_sealer(self.store)
+        except auth.JoinRefused as e:
+            raise NodeLostError(str(e)) from None
         self._meet()
         opts = dist.ProcessGroupGloo._Options()
-        opts._timeout = FOREVER
+        opts._timeout = datetime.timedelta(seconds=config.timeout)  # forming the group: every server is here
+        self._allreduce = dist.AllreduceOptions()
+        self._allreduce.timeout = FOREVER  # each collective waits as long as the nodes live (see wait)
         opts._devices = [_device(config)]
         try:
             self.pg = dist.ProcessGroupGloo(PrefixStore("servers", self.store), self.rank, self.size, opts)
@@ -151,7 +156,7 @@ class NodeGroup:
                     raise NodeLostError(f"node {p} stopped responding before its server joined (no heartbeat "
                                         f"for {limit:g} s)")
                 if self.store.check([f"failed/{p}"]):
-                    said = self.sealer.open(self.store.get(f"failed/{p}").decode())
+                    said = self.sealer.open(self.store.get(f"failed/{p}").decode(), f"failed/{p}")
                     raise NodeLostError(f"node {p} failed before its server joined: {said or '(no reason readable)'}")
             if self.on_wait is not None:
                 self.on_wait(self, now - start)
@@ -166,9 +171,13 @@ class NodeGroup:
             try:
                 work.wait(POLL)
                 return
-            except RuntimeError as e:
-                if work.is_completed():  # it failed: a node died or cannot be reached
-                    raise NodeLostError(f"{what} failed: {first_line(e)}") from None
+            except RuntimeError:
+                if work.is_completed():  # done in the meantime, or failed: a node died or cannot be reached
+                    try:
+                        work.wait()
+                        return
+                    except RuntimeError as e:
+                        raise NodeLostError(f"{what} failed: {first_line(e)}") from None
             if self.on_wait is not None:
                 try:
                     self.on_wait(self, time.monotonic() - start)
@@ -179,20 +188,24 @@ class NodeGroup:
     def note(self, kind: str, message: str) -> None:
         """What the launcher would say, said by the server (when its launcher is gone)."""
         try:
-            self.store.set(f"{kind}/{self.rank}", self.sealer.seal(message))
+            self.store.set(f"{kind}/{self.rank}", self.sealer.seal(message, f"{kind}/{self.rank}"))
         except RuntimeError:
             pass
 
     def allreduce(self, t: torch.Tensor, what: str) -> None:
         try:
-            work = self.pg.allreduce([t])
+            work = self.pg.allreduce([t], self._allreduce)
         except RuntimeError as e:
             raise NodeLostError(f"{what} failed: {first_line(e)}") from None
         self.wait(work, what)
 
     def broadcast(self, t: torch.Tensor, src: int, what: str) -> None:
+        import torch.distributed as dist
+
         try:
-            work = self.pg.broadcast(t, src)
+            opts = dist.BroadcastOptions()
+            opts.rootRank, opts.rootTensor, opts.timeout = src, 0, FOREVER
+            work = self.pg.broadcast([t], opts)
         except RuntimeError as e:
             raise NodeLostError(f"{what} failed: {first_line(e)}") from None
         self.wait(work, what)

@@ -46,19 +46,31 @@ def nonce_of(mode: str) -> str | None:
     return mode.split(":", 1)[1] if mode.startswith("token:") else None
 
 
+PBKDF2_ROUNDS = 200_000  # a weak token costs an offline guesser this many HMACs per guess
+
+
+def derive(token_: bytes, nonce: str) -> bytes:
+    """The run's key: PBKDF2-HMAC-SHA256 of the token salted with node 0's nonce (everything the
+    protocol puts in the store is readable, so a short token must not be cheap to test offline)."""
+    return hashlib.pbkdf2_hmac("sha256", token_, f"pyasgd-rdzv|{nonce}".encode(), PBKDF2_ROUNDS)
+
+
 def proof(key: bytes, nonce: str, *what: Any) -> str:
-    """HMAC-SHA256 of the nonce and `what` under the token, hex."""
+    """HMAC-SHA256 of the nonce and `what` under the run's key, hex."""
     msg = "|".join([nonce, *map(str, what)]).encode()
     return hmac.new(key, msg, hashlib.sha256).hexdigest()
 
 
 def check(key: bytes, nonce: str, claimed: Any, *what: Any) -> bool:
-    return isinstance(claimed, str) and hmac.compare_digest(claimed, proof(key, nonce, *what))
+    """Whether `claimed` (anything read from the store) is the proof of `what`."""
+    return isinstance(claimed, str) and hmac.compare_digest(claimed.encode("utf-8", "replace"),
+                                                            proof(key, nonce, *what).encode())
 
 
-def digests(key: bytes, nonce: str, settings: dict[str, Any]) -> dict[str, str]:
-    """One HMAC per setting in place of its value: equal values give equal digests."""
-    return {k: proof(key, nonce, "setting", k, json.dumps(v, sort_keys=True)) for k, v in settings.items()}
+def digests(key: bytes, nonce: str, settings: dict[str, Any], rank: int) -> dict[str, str]:
+    """One HMAC per setting in place of its value, bound to the node that publishes it: a node
+    compares node p's digests with its own values digested for rank p."""
+    return {k: proof(key, nonce, "setting", rank, k, json.dumps(v, sort_keys=True)) for k, v in settings.items()}
 
 
 class Sealer:
@@ -67,6 +79,7 @@ class Sealer:
 
     def __init__(self, key: bytes | None, nonce: str | None) -> None:
         self.on = key is not None and nonce is not None
+        self.key, self.nonce = key, nonce  # the run's derived key and node 0's nonce
         if self.on:
             self._enc = hmac.new(key, f"{nonce}|seal-enc".encode(), hashlib.sha256).digest()
             self._mac = hmac.new(key, f"{nonce}|seal-mac".encode(), hashlib.sha256).digest()
@@ -74,16 +87,20 @@ class Sealer:
     def _stream(self, iv: bytes, n: int) -> bytes:
         return hashlib.shake_256(self._enc + iv).digest(n)
 
-    def seal(self, text: str) -> str:
+    def _tag(self, where: str, iv: bytes, body: bytes) -> bytes:
+        return hmac.new(self._mac, where.encode() + b"\0" + iv + body, hashlib.sha256).digest()
+
+    def seal(self, text: str, where: str) -> str:
+        """`text` sealed for the store key `where` (it opens there only)."""
         if not self.on:
             return text
         data, iv = text.encode(), secrets.token_bytes(16)
         body = bytes(a ^ b for a, b in zip(data, self._stream(iv, len(data))))
-        tag = hmac.new(self._mac, iv + body, hashlib.sha256).digest()
-        return "sealed:" + base64.b64encode(iv + tag + body).decode()
+        return "sealed:" + base64.b64encode(iv + self._tag(where, iv, body) + body).decode()
 
-    def open(self, text: str) -> str | None:
-        """The plain text, or None when it is not sealed under this token (or was altered)."""
+    def open(self, text: str, where: str) -> str | None:
+        """The plain text, or None when it is not sealed under this token for the key `where`
+        (or was altered)."""
         if not self.on:
             return text
         if not text.startswith("sealed:"):
@@ -93,7 +110,7 @@ class Sealer:
         except ValueError:
             return None
         iv, tag, body = raw[:16], raw[16:48], raw[48:]
-        if len(raw) < 48 or not hmac.compare_digest(tag, hmac.new(self._mac, iv + body, hashlib.sha256).digest()):
+        if len(raw) < 48 or not hmac.compare_digest(tag, self._tag(where, iv, body)):
             return None
         return bytes(a ^ b for a, b in zip(body, self._stream(iv, len(body)))).decode()
 
@@ -104,17 +121,21 @@ class JoinRefused(Exception):
 
 
 def open_sealer(store) -> Sealer:
-    """The sealer of a node that has joined: node 0's nonce from the store, the token from the
-    environment (a server process inherits it from its launcher)."""
+    """The sealer of a node's server: node 0's nonce from the store, the token from the
+    environment (inherited from its launcher). A store that says "no token" to a node that has
+    one has been tampered with: refused, never a silent downgrade."""
     mode = store.get("auth/mode").decode() if store.check(["auth/mode"]) else OPEN
-    return Sealer(token(), nonce_of(mode))
+    tok, nonce = token(), nonce_of(mode)
+    if tok is not None and nonce is None:
+        raise JoinRefused("node 0's store says the run has no join token, but this node has one")
+    return Sealer(derive(tok, nonce) if tok is not None else None, nonce)
 
 
 def publish_mode(store, key: bytes | None) -> Sealer:
-    """Node 0: say whether the run needs the token (and its nonce)."""
+    """Node 0: say whether the run needs the token (and its nonce). `key`: the token."""
     nonce = new_nonce() if key else None
     store.set("auth/mode", mode_of(nonce))
-    return Sealer(key, nonce)
+    return Sealer(derive(key, nonce) if key else None, nonce)
 
 
 def join(store, rank: int, key: bytes | None, wait_until) -> Sealer:
@@ -125,6 +146,8 @@ def join(store, rank: int, key: bytes | None, wait_until) -> Sealer:
     while not store.check(["auth/mode"]):
         wait_until("node 0's answer to this node's join")
     nonce = nonce_of(store.get("auth/mode").decode())
+    if key is not None and nonce is not None:
+        key = derive(key, nonce)
     n = store.add("auth/attempts", 1)
     claim = {"node": rank, "host": socket.gethostname(), "proof": proof(key, nonce, "join", rank, n) if key and nonce else None}
     store.set(f"auth/attempt/{n}", json.dumps(claim))
@@ -138,7 +161,13 @@ def join(store, rank: int, key: bytes | None, wait_until) -> Sealer:
                           "token node 0 was started with")
     while not store.check([f"auth/verdict/{n}"]):
         wait_until("node 0's answer to this node's join")
-    verdict = json.loads(store.get(f"auth/verdict/{n}"))
+    try:
+        verdict = json.loads(store.get(f"auth/verdict/{n}"))
+    except ValueError:
+        verdict = None
+    if not isinstance(verdict, dict):
+        raise JoinRefused("node 0's answer to this node's join is not readable (is another process listening on "
+                          "--master-port?)")
     if not verdict.get("admitted"):
         raise JoinRefused(f"node 0 refused this node: {verdict.get('why', 'no reason given')}")
     if not check(key, nonce, verdict.get("proof"), "admit", rank, n):
@@ -151,17 +180,26 @@ class Admissions:
     """Node 0's side: answers every join attempt, in order, for the run's whole life (after the
     rendezvous, every attempt is refused); logs each refusal naming the node and its host."""
 
-    def __init__(self, key: bytes | None, nonce: str | None, log) -> None:
-        self.key, self.nonce, self.log, self.seen = key, nonce, log, 0
+    def __init__(self, sealer: Sealer, log) -> None:
+        self.key, self.nonce, self.log, self.seen = sealer.key, sealer.nonce, log, 0
+        self._missing_since: float | None = None
 
     def answer(self, store, open_: bool = True) -> None:
+        import time
+
         if self.key is None:
             return  # an open run: nobody waits for a verdict
         while self.seen < int(store.add("auth/attempts", 0)):
             i = self.seen + 1
             if not store.check([f"auth/attempt/{i}"]):
-                return  # counted but not yet written: next time
+                # counted but not yet written: next time, unless its node died in between
+                self._missing_since = self._missing_since or time.monotonic()
+                if time.monotonic() - self._missing_since < 5.0:
+                    return
+            self._missing_since = None
             self.seen = i
+            if not store.check([f"auth/attempt/{i}"]):
+                continue
             try:
                 claim = json.loads(store.get(f"auth/attempt/{i}"))
             except ValueError:

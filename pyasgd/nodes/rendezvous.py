@@ -151,17 +151,20 @@ class Nodes:
             self.sealer = auth.publish_mode(store, key) if R == 0 else auth.join(store, R, key, wait_until)
         except auth.JoinRefused as e:
             raise RendezvousError(str(e)) from None
-        nonce = auth.nonce_of(store.get("auth/mode").decode())
-        self.admissions = auth.Admissions(key, nonce, LOG)
+        self.admissions = auth.Admissions(self.sealer, LOG)
         if store.add(f"rank/{R}", 1) > 1:
             raise RendezvousError(f"--node-rank: another node was already started with --node-rank {R}; give each of "
                                   f"the {M} nodes its own rank in 0..{M - 1}")
         mine = agreement(config)
         # With a join token the store gets one HMAC per setting, never a value (pyasgd/nodes/auth.py).
-        shown = auth.digests(key, nonce, mine) if self.sealer.on else mine
+        sealed = self.sealer.on
+
+        def shown(rank: int) -> dict[str, Any]:  # what node `rank` publishes for these settings
+            return auth.digests(self.sealer.key, self.sealer.nonce, mine, rank) if sealed else mine
+
         facts = resume_facts(resume)
-        store.set(f"resume/{R}", self.sealer.seal(json.dumps(facts)))  # before config/R: whoever sees one sees both
-        store.set(f"config/{R}", json.dumps(shown, sort_keys=True))
+        store.set(f"resume/{R}", self.sealer.seal(json.dumps(facts), f"resume/{R}"))  # before config/R: both are there
+        store.set(f"config/{R}", json.dumps(shown(R), sort_keys=True))
         # Compare with each node's settings as soon as they arrive: a disagreement (even in
         # --nnodes) fails at once, without waiting for nodes that may never come.
         pending = [p for p in range(M) if p != R]
@@ -170,9 +173,9 @@ class Nodes:
                 self.admissions.answer(store)
             for p in [p for p in pending if store.check([f"config/{p}"])]:
                 pending.remove(p)
-                check_settings(R, mine, shown, p, json.loads(store.get(f"config/{p}")), self.sealer.on)
-                theirs_facts = self.sealer.open(store.get(f"resume/{p}").decode())
-                check_checkpoints(config, R, facts, p, json.loads(theirs_facts) if theirs_facts else {})
+                check_settings(R, mine, shown(p), p, _loads(store.get(f"config/{p}")), sealed)
+                theirs_facts = self.sealer.open(store.get(f"resume/{p}").decode(), f"resume/{p}")
+                check_checkpoints(config, R, facts, p, _loads(theirs_facts) if theirs_facts else {})
             if pending and time.monotonic() > deadline:
                 raise RendezvousError(f"node(s) {', '.join(map(str, pending))} of --nnodes {M} did not join the "
                                       f"rendezvous at {config.master_addr}:{config.master_port} within --timeout "
@@ -257,13 +260,13 @@ class Nodes:
         """For the summary: each node that made this one wait over --timeout, how often and how long."""
         return {str(p): {k: v for k, v in rec.items() if not k.startswith("_")} for p, rec in sorted(self.slow.items())}
 
-    def _open(self, value: bytes) -> str:
-        got = self.sealer.open(value.decode())
+    def _open(self, value: bytes, where: str) -> str:
+        got = self.sealer.open(value.decode(), where)
         return got if got is not None else "(a note not sealed under this run's join token)"
 
     def _note_of(self, store, p: int) -> str:
         if store.check([f"failed/{p}"]):
-            return f"node {p} failed: {self._open(store.get(f'failed/{p}'))}"
+            return f"node {p} failed: {self._open(store.get(f'failed/{p}'), f'failed/{p}')}"
         return ""
 
     def lost(self) -> str:
@@ -273,7 +276,7 @@ class Nodes:
     def note(self, kind: str, message: str) -> None:
         """Tell the others why this node stops: kind "failed" or "stopped"."""
         try:
-            self.store.set(f"{kind}/{self.rank}", self.sealer.seal(message))
+            self.store.set(f"{kind}/{self.rank}", self.sealer.seal(message, f"{kind}/{self.rank}"))
         except RuntimeError:
             pass  # node 0 is gone: nobody to tell
 
@@ -284,7 +287,7 @@ class Nodes:
             try:
                 for kind in ("failed", "stopped"):
                     if self.store.check([f"{kind}/{node}"]):
-                        return self._open(self.store.get(f"{kind}/{node}"))
+                        return self._open(self.store.get(f"{kind}/{node}"), f"{kind}/{node}")
             except RuntimeError:
                 return "(its reason is lost with node 0's store)"
             if time.monotonic() >= deadline:
@@ -309,7 +312,7 @@ class Nodes:
             summary["slow_nodes"] = self.slow_nodes()
         if self.rank != 0:
             try:
-                self.store.set(f"summary/{self.rank}", self.sealer.seal(json.dumps(summary)))
+                self.store.set(f"summary/{self.rank}", self.sealer.seal(json.dumps(summary), f"summary/{self.rank}"))
             except RuntimeError:
                 pass
             return summary
@@ -331,7 +334,7 @@ class Nodes:
         while True:
             for p in [p for p in range(1, self.size) if p not in per_node and p not in gone]:
                 if self.store.check([f"summary/{p}"]):
-                    got = self.sealer.open(self.store.get(f"summary/{p}").decode())
+                    got = self.sealer.open(self.store.get(f"summary/{p}").decode(), f"summary/{p}")
                     if got is None:
                         gone.append(p)
                         LOG.warning(f"node {p}'s summary is not sealed under this run's join token: ignored")
@@ -342,7 +345,8 @@ class Nodes:
                 if beat != seen[p][0]:
                     seen[p] = (beat, now)
                 elif now - seen[p][1] > self.dead_after or self.store.check([f"done/{p}"]):
-                    gone.append(p)
+                    if not self.store.check([f"summary/{p}"]):  # it may have sent one just before
+                        gone.append(p)
             left = [p for p in range(1, self.size) if p not in per_node and p not in gone]
             if not left or (wait is not None and now - start > wait):
                 return gone + left
@@ -368,6 +372,14 @@ class Nodes:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+
+
+def _loads(value) -> Any:
+    """JSON another node put in the store ({} when it is not JSON: a check then fails, naming it)."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return {}
 
 
 def _parse_beat(value: str) -> dict[str, Any]:

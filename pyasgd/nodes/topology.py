@@ -58,6 +58,9 @@ class Nodes(OneNode):
     def lost(self) -> str:
         return self.link.lost() if self.link is not None else ""
 
+    def waiting_for_alive_nodes(self) -> bool:
+        return self.link is not None and not self.link.lost() and self.link.state().get("waiting_s") is not None
+
     def tell_stop(self, failure: str, reason: str) -> None:
         if self.link is not None:
             self.link.note("failed" if failure else "stopped", failure.splitlines()[0] if failure else reason)

@@ -341,8 +341,8 @@ class Supervisor:
     def _stop(self, reason: str = "") -> None:
         """Ask the server to finish (it writes the last checkpoint), then release everyone who
         waits on the region, and drain the queue while the processes exit. Across nodes the
-        server passes the word on (its vote in the next round) and may wait up to --timeout for
-        the others to reach it."""
+        server passes the word on (its vote in the next round), after the round it may be waiting
+        in with a slow node."""
         self.stop_request.value = StopRequest.FAIL if self.failure else StopRequest.STOP
         if not self.ended_by_node:  # this node's own decision: say why, for the others
             self.topology.tell_stop(self.failure, str(reason or StopReason.STOPPED))
@@ -350,7 +350,14 @@ class Supervisor:
         grace = max(60, self.config.timeout + 10) if self.topology.server_reports_ready else 60
         deadline = time.monotonic() + grace
         server = self.procs[0] if self.procs else None
-        while server is not None and not self.server_done and server.is_alive() and time.monotonic() < deadline:
+        # Across nodes the server may be waiting for a slow node: it is waited for while that node
+        # lives (its round completes, then its vote carries the stop); a node lost meanwhile makes
+        # the server leave the round (a failure), so it still saves.
+        while server is not None and not self.server_done and server.is_alive() and (
+                time.monotonic() < deadline or self.topology.waiting_for_alive_nodes()):
+            if self.topology.lost() and self.stop_request.value != StopRequest.FAIL:
+                self.failure = self.failure or f"{self.topology.lost()}; this node (node {self.config.node_rank}) stopped"
+                self.stop_request.value = StopRequest.FAIL
             for r in _drain(self.queue, 0.05):
                 self._stopping_record(r)
         self.region.shutdown()

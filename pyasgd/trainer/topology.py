@@ -92,6 +92,10 @@ class OneNode:
         """'' while every other node is well, else what happened to which."""
         return ""
 
+    def waiting_for_alive_nodes(self) -> bool:
+        """The server is in a round with the other nodes, all alive (a slow one is waited for)."""
+        return False
+
     def tell_stop(self, failure: str, reason: str) -> None:
         """Tell the other nodes why this node stops (its own decision)."""
 
