@@ -93,7 +93,8 @@ def semaphores_of(pid: int) -> set[str]:
     for p in {pid} | children(pid):
         try:
             with open(f"/proc/{p}/maps") as f:
-                found |= {line.split()[-1].rsplit("/", 1)[1] for line in f if "/dev/shm/sem." in line}
+                found |= {line[line.index("/dev/shm/sem.") + len("/dev/shm/"):].split()[0]
+                          for line in f if "/dev/shm/sem." in line}
         except OSError:
             pass
     return found
@@ -178,8 +179,8 @@ def one_pair(i: int, fault: str, mode: str, rng: random.Random, work: str) -> Pa
         elif fault == "launcher_kill":
             victim.kill()
         elif fault == "node_kill":
-            o.semaphores = len(semaphores_of(victim.pid))
             sems = semaphores_of(victim.pid)
+            o.semaphores = len(sems)
             os.killpg(victim.pid, signal.SIGKILL)
         elif fault == "node_term":
             victim.send_signal(signal.SIGTERM)

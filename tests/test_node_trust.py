@@ -121,10 +121,10 @@ def test_a_token_node_refuses_an_open_node_0_and_latecomers_are_refused(store):
 def test_a_malformed_attempt_or_verdict_is_refused_not_a_crash(store):
     host, joiner = store(), store()
     log = Log()
-    door = auth.Admissions(auth.publish_mode(host, b"secret"), log)
+    door = auth.Admissions(auth.publish_mode(host, b"secret"), log, missing_s=0.3)
     n = host.add("auth/attempts", 1)
     host.set(f"auth/attempt/{n}", json.dumps({"node": 1, "proof": "\u00e9" * 64}))  # not ASCII
-    host.add("auth/attempts", 1)  # counted, never written (its node died): skipped after 5 s
+    host.add("auth/attempts", 1)  # counted, never written (its node died): skipped after missing_s
     n3 = host.add("auth/attempts", 1)
     host.set(f"auth/attempt/{n3}", "not json")
     deadline = time.monotonic() + 20

@@ -180,8 +180,9 @@ class Admissions:
     """Node 0's side: answers every join attempt, in order, for the run's whole life (after the
     rendezvous, every attempt is refused); logs each refusal naming the node and its host."""
 
-    def __init__(self, sealer: Sealer, log) -> None:
+    def __init__(self, sealer: Sealer, log, missing_s: float = 5.0) -> None:
         self.key, self.nonce, self.log, self.seen = sealer.key, sealer.nonce, log, 0
+        self.missing_s = missing_s  # an attempt counted but not written for this long: its node died
         self._missing_since: float | None = None
 
     def answer(self, store, open_: bool = True) -> None:
@@ -194,7 +195,7 @@ class Admissions:
             if not store.check([f"auth/attempt/{i}"]):
                 # counted but not yet written: next time, unless its node died in between
                 self._missing_since = self._missing_since or time.monotonic()
-                if time.monotonic() - self._missing_since < 5.0:
+                if time.monotonic() - self._missing_since < self.missing_s:
                     return
             self._missing_since = None
             self.seen = i
