@@ -85,6 +85,19 @@ def comm(pid: int) -> str:
         return ""
 
 
+def outlived(seen: set[int]) -> list[str]:
+    """The processes of `seen` still alive after 30 s (children of a killed launcher need a moment
+    to follow it), named and then SIGKILLed: each one is a leak."""
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(k) for k in seen):
+        time.sleep(0.1)
+    left = [f"process {k} ({comm(k)})" for k in seen if alive(k)]
+    for k in seen:
+        if alive(k):
+            os.kill(k, signal.SIGKILL)
+    return left
+
+
 def shm_names() -> set[str]:
     return {n for n in os.listdir(SHM) if n.startswith(("pyasgd-", "sem."))}
 
@@ -183,13 +196,7 @@ def one_run(i: int, fault: str, task: str, rng: random.Random, work: str, corpus
         if not o.ok and not o.note:
             o.note = err.strip().splitlines()[-1][:200] if err.strip() else ""
     finally:
-        deadline = time.time() + 30  # children of a killed launcher need a moment to follow it
-        while time.time() < deadline and any(alive(k) for k in seen):
-            time.sleep(0.1)
-        o.leaks += [f"process {k} ({comm(k)})" for k in seen if alive(k)]
-        for k in seen:
-            if alive(k):
-                os.kill(k, signal.SIGKILL)
+        o.leaks += outlived(seen)
         if planted is not None:
             if not os.path.exists(planted):
                 o.leaks.append(f"the planted {os.path.basename(planted)} was removed")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from soak import alive, children, comm, shm_names
+from soak import children, comm, outlived, shm_names
 
 TOKEN_ENV = "PYASGD_RDZV_TOKEN"
 # fault -> (exit codes of the node hit, exit codes of the other); None: any
@@ -233,13 +233,7 @@ def one_pair(i: int, fault: str, mode: str, rng: random.Random, work: str) -> Pa
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     finally:
-        deadline = time.time() + 30
-        while time.time() < deadline and any(alive(k) for k in seen):
-            time.sleep(0.1)
-        o.leaks += [f"process {k} ({comm(k)})" for k in seen if alive(k)]
-        for k in seen:
-            if alive(k):
-                os.kill(k, signal.SIGKILL)
+        o.leaks += outlived(seen)
         time.sleep(0.2)
         o.leaks += [f"/dev/shm/{n}" for n in sorted(shm_names() - before)]
     return o

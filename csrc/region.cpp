@@ -643,12 +643,17 @@ int Region::slot_lock_fd() {
   return lock_fd_;
 }
 
-bool Region::try_lock_slot(int k) {
+struct flock slot_lock_request(int k, short type) {
   struct flock fl {};
-  fl.l_type = F_WRLCK;
+  fl.l_type = type;
   fl.l_whence = SEEK_SET;
   fl.l_start = kSlotLockBase + k;
   fl.l_len = 1;
+  return fl;
+}
+
+bool Region::try_lock_slot(int k) {
+  struct flock fl = slot_lock_request(k, F_WRLCK);
   const int fd = slot_lock_fd();
   for (;;) {
     if (fcntl(fd, F_OFD_SETLK, &fl) == 0) return true;
@@ -658,11 +663,7 @@ bool Region::try_lock_slot(int k) {
 }
 
 void Region::unlock_slot(int k) {
-  struct flock fl {};
-  fl.l_type = F_UNLCK;
-  fl.l_whence = SEEK_SET;
-  fl.l_start = kSlotLockBase + k;
-  fl.l_len = 1;
+  struct flock fl = slot_lock_request(k, F_UNLCK);
   fcntl(slot_lock_fd(), F_OFD_SETLK, &fl);  // cannot fail for a lock we hold
 }
 

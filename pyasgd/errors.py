@@ -63,3 +63,8 @@ def _size(n: int) -> str:
 class Terminated(Exception):
     """SIGTERM, raised in the launcher so the run stops as it does on Ctrl-C: the server saves,
     every process is stopped, summary.json says "terminated"."""
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line (its type's name when it says nothing): for one-line messages."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

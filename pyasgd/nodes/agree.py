@@ -9,6 +9,17 @@ from pyasgd.config import PER_NODE, TrainConfig
 from pyasgd.errors import ConfigError
 
 
+def shard_bounds(n: int, m: int) -> list[tuple[int, int]]:
+    """M contiguous shards of n parameters whose sizes differ by at most one."""
+    base, extra = divmod(n, m)
+    out, lo = [], 0
+    for s in range(m):
+        hi = lo + base + (1 if s < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
 class RendezvousError(ConfigError):
     """The nodes could not meet (wrong port, unreachable master, a node missing) or their
     configurations disagree; the message says which and how to fix it."""
@@ -30,8 +41,6 @@ def check_checkpoints(config: TrainConfig, me: int, mine: dict[str, Any], p: int
     """Node `me` and node `p` can continue together: both resume or neither, from checkpoints of
     the same model, each of the sharded server holding its own shard of the same M. One line,
     naming the node, before any process group forms."""
-    from pyasgd.nodes.sharded import shard_bounds
-
     if mine.get("resume") != theirs.get("resume"):
         who, other = (p, me) if theirs.get("resume") else (me, p)
         raise RendezvousError(f"--resume: node {who} resumes from its checkpoint but node {other} starts a new run; "

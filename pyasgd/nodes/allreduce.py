@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 
 from pyasgd.config import TrainConfig
+from pyasgd.errors import first_line
 from pyasgd.nodes import auth
-from pyasgd.nodes.rendezvous import BEAT_S, connect_store, dead_after, first_line
+from pyasgd.nodes.rendezvous import BEAT_S, connect_store, dead_after
 from pyasgd.trainer.proc import parent_gone
 from pyasgd.trainer.stops import StopRequest
 

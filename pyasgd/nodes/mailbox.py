@@ -12,7 +12,7 @@ import traceback
 
 import torch
 
-from pyasgd.nodes.rendezvous import first_line
+from pyasgd.errors import first_line
 
 HDR = 8                   # int64 words in every message's header: [kind, ...]
 GRAD, UPDATE, ACK, STOP_MSG, FIN_GRADS, FIN_UPDATES, FIN_CTRL = range(1, 8)

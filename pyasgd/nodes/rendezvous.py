@@ -21,6 +21,7 @@ import time
 from typing import Any
 
 from pyasgd.config import TrainConfig
+from pyasgd.errors import first_line
 from pyasgd.nodes import auth
 from pyasgd.nodes.agree import RendezvousError, agreement, check_checkpoints, check_settings, resume_facts
 
@@ -107,10 +108,6 @@ def _wait_reachable(addr: str, port: int, deadline: float, where: str) -> None:
             raise RendezvousError(f"no node 0 answered at {where} within --timeout ({last}): start node 0 "
                                   "first or together, check the address and port, and that no firewall blocks it")
         time.sleep(0.2)
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 class Nodes:

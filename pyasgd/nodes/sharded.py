@@ -33,23 +33,13 @@ import traceback
 import torch
 
 from pyasgd.core.region import publish_slice
+from pyasgd.nodes.agree import shard_bounds
 from pyasgd.nodes.allreduce import FAIL, GO, STOP, NodeEnded, NodeGroup, NodeLostError, vote_of
 from pyasgd.nodes.mailbox import (ACK, CTRL, DATA, FIN_CTRL, FIN_GRADS, FIN_UPDATES, GRAD, STOP_MSG, UPDATE,
                                   Mailbox)
 from pyasgd.trainer.server import Server
 from pyasgd.trainer.stops import StopReason
 from pyasgd.trainer.update import Applied, UpdateResult
-
-
-def shard_bounds(n: int, m: int) -> list[tuple[int, int]]:
-    """M contiguous shards of n parameters whose sizes differ by at most one."""
-    base, extra = divmod(n, m)
-    out, lo = [], 0
-    for s in range(m):
-        hi = lo + base + (1 if s < extra else 0)
-        out.append((lo, hi))
-        lo = hi
-    return out
 
 
 def _f64_bits(x: float) -> int:

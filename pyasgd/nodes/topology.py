@@ -96,7 +96,7 @@ class ShardedNodes(Nodes):
     (pyasgd/nodes/sharded.py). Each of the M shards' updates is a version of the region."""
 
     def shard(self, n: int) -> tuple[int, int]:
-        from pyasgd.nodes.sharded import shard_bounds
+        from pyasgd.nodes.agree import shard_bounds
 
         return shard_bounds(n, self.config.nnodes)[self.config.node_rank]
 
@@ -121,7 +121,8 @@ class ShardedNodes(Nodes):
 
     def serve(self, server) -> tuple[Any, dict[str, Any]]:
         from pyasgd.nodes.allreduce import NodeGroup, leave_when_told
-        from pyasgd.nodes.sharded import ShardServer, shard_bounds
+        from pyasgd.nodes.agree import shard_bounds
+        from pyasgd.nodes.sharded import ShardServer
 
         group = NodeGroup(self.config, on_wait=leave_when_told(server))
         shards = ShardServer(server, group, shard_bounds(server.region.n, self.config.nnodes))

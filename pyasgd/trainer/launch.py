@@ -350,9 +350,8 @@ class Supervisor:
         grace = max(60, self.config.timeout + 10) if self.topology.server_reports_ready else 60
         deadline = time.monotonic() + grace
         server = self.procs[0] if self.procs else None
-        # Across nodes the server may be waiting for a slow node: it is waited for while that node
-        # lives (its round completes, then its vote carries the stop); a node lost meanwhile makes
-        # the server leave the round (a failure), so it still saves.
+        # Across nodes a server in a round with a slow node is waited for while the nodes live; a
+        # node lost meanwhile makes it leave the round (a failure), so it still saves.
         while server is not None and not self.server_done and server.is_alive() and (
                 time.monotonic() < deadline or self.topology.waiting_for_alive_nodes()):
             if self.topology.lost() and self.stop_request.value != StopRequest.FAIL:
