@@ -81,10 +81,15 @@ def training(out: str, procs: list[subprocess.Popen], limit: float = 120) -> boo
     deadline = time.time() + limit
     paths = [os.path.join(out, f"node{r}", "metrics.jsonl") for r in (0, 1)]
     while time.time() < deadline and all(p.poll() is None for p in procs):
-        if all(os.path.exists(p) and '"update"' in open(p).read() for p in paths):
+        if all(os.path.exists(p) and '"update"' in _read(p) for p in paths):
             return True
         time.sleep(0.1)
     return False
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def semaphores_of(pid: int) -> set[str]:
