@@ -107,7 +107,9 @@ class RunConfig:
     """write TensorBoard events to RUN_DIR/tb: loss, learning rate, words/s, staleness (mean and
     histogram), dev BLEU, chrF and loss (needs the extra: pip install 'pyasgd[tensorboard]')."""
     timeout: float = 120.0
-    """seconds a process may wait on another (a full ring, a barrier) before the run fails."""
+    """seconds a process may wait on another (a full ring, a barrier) before the run fails. Across
+    nodes a wait for another node that is alive is reported after this long, never failed; a node
+    whose heartbeat stops for half of it (at most 30 s) is lost."""
     max_restarts: int = 3
     """worker processes that may die (killed, an exception, out of memory) and be replaced in a
     run before it stops; 0 = any death ends the run. A replacement pulls the current parameters
