@@ -267,7 +267,7 @@ def pid_reuse_in_a_namespace(name, mode, outside_pid=0):
                 os._exit(0)
         return child
 
-    def claim_and_hold(r, w):
+    def claim_and_hold(w):
         region = SharedRegion.attach(name)
         region._handle().claim(41, 30.0)
         os.write(w, b"x")
@@ -279,7 +279,7 @@ def pid_reuse_in_a_namespace(name, mode, outside_pid=0):
 
     r, w = os.pipe()
     if mode == "reuse":
-        victim = fork_with_pid(300, lambda: claim_and_hold(r, w))
+        victim = fork_with_pid(300, lambda: claim_and_hold(w))
         os.read(r, 1)
         os.kill(victim, signal.SIGKILL)
         os.waitpid(victim, 0)
@@ -294,7 +294,7 @@ def pid_reuse_in_a_namespace(name, mode, outside_pid=0):
         os.kill(again, signal.SIGKILL)
         print(json.dumps({"victim": victim, "again": again, "alive": alive, "reclaimed": reclaimed}), flush=True)
         return
-    pusher = fork_with_pid(outside_pid, lambda: claim_and_hold(r, w))
+    pusher = fork_with_pid(outside_pid, lambda: claim_and_hold(w))
     os.read(r, 1)
     print(json.dumps({"claimed": pusher}), flush=True)
     committed = os.read(r, 1) == b"c"

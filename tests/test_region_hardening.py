@@ -147,7 +147,9 @@ def in_a_pid_namespace(name, mode, *args):
         pytest.skip("needs root and unshare(1) to make a PID namespace and choose pids in it")
     code = f"import mp_helpers, sys; mp_helpers.pid_reuse_in_a_namespace({name!r}, {mode!r}, *map(int, sys.argv[1:]))"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS, os.environ.get("PYTHONPATH", "")]))
-    return subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code, *map(str, args)],
+    # --kill-child: pid 1 of the namespace (and with it every process there) dies with unshare
+    cmd = ["unshare", "--pid", "--fork", "--kill-child", "--mount-proc", sys.executable, "-c", code, *map(str, args)]
+    return subprocess.Popen(cmd,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
